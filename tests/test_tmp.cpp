@@ -1,0 +1,2 @@
+#include <gtest/gtest.h>
+TEST(Tmp, X) { EXPECT_TRUE(true); }
