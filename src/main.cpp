@@ -1,1 +1,49 @@
-int main() { return 0; }
+// longtune: the one place where errors become messages and exit codes.
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+
+#include "src/cli/commands.hpp"
+#include "src/common/error.hpp"
+
+namespace {
+
+constexpr const char* kUsage =
+    "usage: longtune <command> [options]\n"
+    "\n"
+    "commands:\n"
+    "  eval     mean loss and perplexity of a model over a dataset (CPU)\n"
+    "  help     this text\n"
+    "\n"
+    "`longtune <command> --help` lists a command's options. With no options, eval uses the\n"
+    "built-in tiny model and task.\n";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "help") == 0 || std::strcmp(argv[1], "--help") == 0 ||
+      std::strcmp(argv[1], "-h") == 0) {
+    std::fputs(kUsage, argc < 2 ? stderr : stdout);
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string command = argv[1];
+  try {
+    if (command == "eval") return longtune::cli::run_eval(argc - 1, argv + 1);
+    std::fprintf(stderr, "longtune: unknown command '%s'\n%s", command.c_str(), kUsage);
+    return 2;
+  } catch (const longtune::InputError& e) {
+    std::fprintf(stderr, "longtune %s: error: %s\n", command.c_str(), e.what());
+    return 2;
+  } catch (const longtune::ConfigError& e) {
+    std::fprintf(stderr, "longtune %s: error: %s (see longtune %s --help)\n", command.c_str(), e.what(),
+                 command.c_str());
+    return 2;
+  } catch (const longtune::Error& e) {
+    std::fprintf(stderr, "longtune %s: error: %s\n", command.c_str(), e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "longtune %s: unexpected error: %s\n", command.c_str(), e.what());
+    return 1;
+  }
+}

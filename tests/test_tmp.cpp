@@ -1,2 +1,0 @@
-#include <gtest/gtest.h>
-TEST(Tmp, X) { EXPECT_TRUE(true); }
