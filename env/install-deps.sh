@@ -28,6 +28,7 @@ packages=(
   libhdf5-dev hdf5-tools
   libboost-program-options-dev
   libnuma-dev numactl
+  libxxhash-dev
   libgtest-dev
   nlohmann-json3-dev
   python3

@@ -4,6 +4,7 @@
 #include <exception>
 #include <string>
 
+#include "src/cli/bench.hpp"
 #include "src/cli/commands.hpp"
 #include "src/common/error.hpp"
 
@@ -13,11 +14,13 @@ constexpr const char* kUsage =
     "usage: longtune <command> [options]\n"
     "\n"
     "commands:\n"
+    "  train    full-parameter training; with no options, the built-in tiny model and task\n"
     "  eval     mean loss and perplexity of a model over a dataset (CPU)\n"
+    "  export   a checkpoint as a Hugging Face model directory\n"
+    "  bench    benchmarks: `longtune bench adamw`\n"
     "  help     this text\n"
     "\n"
-    "`longtune <command> --help` lists a command's options. With no options, eval uses the\n"
-    "built-in tiny model and task.\n";
+    "`longtune <command> --help` lists a command's options.\n";
 
 }  // namespace
 
@@ -29,7 +32,14 @@ int main(int argc, char** argv) {
   }
   const std::string command = argv[1];
   try {
+    if (command == "train") return longtune::cli::run_train(argc - 1, argv + 1);
     if (command == "eval") return longtune::cli::run_eval(argc - 1, argv + 1);
+    if (command == "export") return longtune::cli::run_export(argc - 1, argv + 1);
+    if (command == "bench") {
+      if (argc >= 3 && std::strcmp(argv[2], "adamw") == 0) return longtune::cli::run_bench_adamw(argc - 2, argv + 2);
+      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw\n");
+      return 2;
+    }
     std::fprintf(stderr, "longtune: unknown command '%s'\n%s", command.c_str(), kUsage);
     return 2;
   } catch (const longtune::InputError& e) {

@@ -412,10 +412,9 @@ TEST(PackerOrder, RoughlyUniform) {
 
 TEST(BuiltinTask, ModelConfig) {
   const LlamaConfig c = builtin_model_config();
-  EXPECT_EQ(c.vocab_size, 64);
+  EXPECT_EQ(c.vocab_size, kBuiltinVocab);
   EXPECT_EQ(c.hidden_size, 64);
-  EXPECT_GE(c.intermediate_size, 128);
-  EXPECT_LE(c.intermediate_size, 192);
+  EXPECT_EQ(c.intermediate_size, 128);
   EXPECT_EQ(c.num_hidden_layers, 2);
   EXPECT_EQ(c.num_attention_heads, 4);
   EXPECT_EQ(c.num_key_value_heads, 2);
@@ -427,7 +426,21 @@ TEST(BuiltinTask, ModelConfig) {
   EXPECT_FALSE(c.tie_word_embeddings);
   EXPECT_EQ(c.bos_token_id, 1);
   EXPECT_EQ(c.eos_token_ids, std::vector<int64_t>{2});
-  EXPECT_EQ(c.max_position_embeddings, 512);
+  EXPECT_GE(c.max_position_embeddings, kBuiltinMaxDocLength);
+  EXPECT_EQ(kBuiltinVocab, 4 + kBuiltinFillers + kBuiltinSlots * kBuiltinDigits + kBuiltinSlots + kBuiltinDigits);
+  EXPECT_EQ(kBuiltinMaxDocLength, kBuiltinMaxHaystack + 3 * kBuiltinSlots + 3);
+}
+
+TEST(BuiltinTask, TrainDefaults) {
+  const BuiltinTrainDefaults d = builtin_train_defaults();
+  EXPECT_GE(d.seq_len, kBuiltinMaxDocLength);  // every document fits one row
+  EXPECT_GE(d.micro_batch, 1);
+  EXPECT_GE(d.grad_accum, 1);
+  EXPECT_GT(d.steps, d.warmup_steps);
+  EXPECT_GT(d.lr, 0.0);
+  EXPECT_GE(d.weight_decay, 0.0);
+  EXPECT_GT(d.train_docs, 0);
+  EXPECT_GT(d.eval_docs, 0);
 }
 
 TEST(BuiltinTask, InitWeights) {
@@ -460,21 +473,21 @@ TEST(BuiltinTask, InitWeights) {
       ASSERT_EQ(w[i], 0.0f) << "padding at " << i;
     }
   const double mean = sum / double(n), sd = std::sqrt(sq / double(n) - mean * mean);
-  EXPECT_NEAR(mean, 0.0, 5e-4);
-  EXPECT_NEAR(sd, 0.02, 5e-4);
+  EXPECT_NEAR(mean, 0.0, 0.025 * kBuiltinInitStd);
+  EXPECT_NEAR(sd, kBuiltinInitStd, 0.025 * kBuiltinInitStd);
 }
 
 TEST(BuiltinTask, DatasetValidAndDeterministic) {
   const TokenDataset ds = builtin_dataset(200, 11);
   EXPECT_EQ(ds.num_documents(), 200);
-  EXPECT_EQ(ds.vocab_size, 64);
+  EXPECT_EQ(ds.vocab_size, kBuiltinVocab);
   EXPECT_EQ(ds.bos_id, 1);
   EXPECT_EQ(ds.eos_id, 2);
   // io validation rules: offsets start at 0, non-decreasing, end at N; tokens in range; mask 0/1.
   ASSERT_EQ(ds.doc_offsets.front(), 0);
   ASSERT_EQ(ds.doc_offsets.back(), ds.num_tokens());
   for (size_t i = 1; i < ds.doc_offsets.size(); ++i) ASSERT_LE(ds.doc_offsets[i - 1], ds.doc_offsets[i]);
-  for (int32_t t : ds.tokens) ASSERT_TRUE(t >= 0 && t < ds.vocab_size);
+  for (int32_t t : ds.tokens) ASSERT_TRUE(t > 0 && t < ds.vocab_size);  // 0 (padding) never occurs
   ASSERT_EQ(ds.loss_mask.size(), ds.tokens.size());
   for (uint8_t m : ds.loss_mask) ASSERT_TRUE(m == 0 || m == 1);
 
@@ -483,59 +496,103 @@ TEST(BuiltinTask, DatasetValidAndDeterministic) {
   EXPECT_EQ(ds.doc_offsets, again.doc_offsets);
   EXPECT_EQ(ds.loss_mask, again.loss_mask);
   EXPECT_NE(ds.tokens, builtin_dataset(200, 12).tokens);
+  // A prefix of the documents does not depend on how many are asked for.
+  const TokenDataset few = builtin_dataset(20, 11);
+  EXPECT_TRUE(std::equal(few.tokens.begin(), few.tokens.end(), ds.tokens.begin()));
   EXPECT_EQ(builtin_dataset(0, 1).num_documents(), 0);
+  EXPECT_THROW(builtin_dataset(-1, 1), ConfigError);
 }
 
 TEST(BuiltinTask, PinnedFirstDocument) {
-  // Portable generation (cross-checked against an independent Python mt19937_64): k = 16.
+  // Portable generation, cross-checked against an independent Python mt19937_64 with the same
+  // rejection-sampled draws: H = 340; digits of keys 0..7: 4 5 6 4 13 15 9 0; queries ask keys
+  // 6 1 2 4 3 7 5 0 in that order.
   const TokenDataset ds = builtin_dataset(1, 0);
-  const I32 s = {51, 17, 22, 20, 42, 47, 28, 42, 57, 51, 28, 26, 54, 44, 33, 31};
-  I32 expected = {kBuiltinBos};
-  expected.insert(expected.end(), s.begin(), s.end());
-  expected.push_back(kBuiltinSep);
-  expected.insert(expected.end(), s.begin(), s.end());
-  expected.push_back(kBuiltinEos);
-  EXPECT_EQ(ds.tokens, expected);
-  EXPECT_EQ(ds.doc_offsets, (std::vector<int64_t>{0, 35}));
+  ASSERT_EQ(ds.doc_offsets, (std::vector<int64_t>{0, 367}));
+  EXPECT_EQ(I32(ds.tokens.begin(), ds.tokens.begin() + 12), (I32{1, 15, 13, 18, 16, 18, 19, 12, 10, 13, 7, 12}));
+  EXPECT_EQ(I32(ds.tokens.end() - 18, ds.tokens.end()),
+            (I32{3, 154, 165, 149, 161, 150, 162, 152, 169, 151, 160, 155, 156, 153, 171, 148, 160, 2}));
+  const std::vector<size_t> at = {117, 120, 175, 178, 234, 241, 292, 335};
+  const I32 needles = {97, 58, 72, 115, 24, 125, 132, 41};
+  for (size_t i = 0; i < at.size(); ++i) EXPECT_EQ(ds.tokens[at[i]], needles[i]) << i;
+  int64_t sum = 0, sumsq = 0;
+  for (int32_t t : ds.tokens) {
+    sum += t;
+    sumsq += int64_t(t) * t;
+  }
+  EXPECT_EQ(sum, 7077);
+  EXPECT_EQ(sumsq, 514701);
 }
 
 TEST(BuiltinTask, DocumentStructure) {
   const TokenDataset ds = builtin_dataset(300, 3);
-  std::set<int64_t> lengths;
+  std::set<int64_t> haystacks;
+  std::vector<int64_t> digit_hits(size_t(kBuiltinDigits), 0);
+  int64_t far = 0, very_far = 0, answers = 0;
+  auto is_filler = [](int32_t t) { return t >= kBuiltinFirstFiller && t < kBuiltinFirstNeedle; };
+  auto is_needle = [](int32_t t) { return t >= kBuiltinFirstNeedle && t < kBuiltinFirstQuery; };
   for (int64_t d = 0; d < ds.num_documents(); ++d) {
     const int64_t a = ds.doc_offsets[size_t(d)], n = ds.doc_length(d);
-    ASSERT_EQ(n % 2, 1);
-    const int64_t k = (n - 3) / 2;
-    ASSERT_GE(k, kBuiltinMinLen);
-    ASSERT_LE(k, kBuiltinMaxLen);
-    lengths.insert(k);
+    const int64_t S = kBuiltinSlots, H = n - 3 * S - 3;
+    ASSERT_GE(H, kBuiltinMinHaystack);
+    ASSERT_LE(H, kBuiltinMaxHaystack);
+    ASSERT_LE(n, kBuiltinMaxDocLength);
+    haystacks.insert(H);
     auto tok = [&](int64_t i) { return ds.tokens[size_t(a + i)]; };
     auto msk = [&](int64_t i) { return ds.loss_mask[size_t(a + i)]; };
     ASSERT_EQ(tok(0), kBuiltinBos);
-    ASSERT_EQ(msk(0), 0);
-    for (int64_t j = 0; j < k; ++j) {
-      ASSERT_GE(tok(1 + j), kBuiltinFirstContent);
-      ASSERT_EQ(msk(1 + j), 0);
-      ASSERT_EQ(tok(2 + k + j), tok(1 + j));  // the copy
-      ASSERT_EQ(msk(2 + k + j), 1);
-    }
-    ASSERT_EQ(tok(1 + k), kBuiltinSep);
-    ASSERT_EQ(msk(1 + k), 0);
     ASSERT_EQ(tok(n - 1), kBuiltinEos);
-    ASSERT_EQ(msk(n - 1), 1);
+    const int64_t sep = 1 + H + S;
+    ASSERT_EQ(tok(sep), kBuiltinSep);
+    // The haystack: H filler tokens and exactly one needle per key.
+    std::vector<int64_t> needle_at(size_t(S), -1);
+    std::vector<int32_t> digit(size_t(S), -1);
+    for (int64_t i = 1; i < sep; ++i) {
+      const int32_t t = tok(i);
+      ASSERT_TRUE(is_filler(t) || is_needle(t)) << t;
+      if (is_needle(t)) {
+        const int64_t key = (t - kBuiltinFirstNeedle) / kBuiltinDigits;
+        ASSERT_EQ(needle_at[size_t(key)], -1) << "two needles of key " << key;
+        needle_at[size_t(key)] = i;
+        digit[size_t(key)] = (t - kBuiltinFirstNeedle) % kBuiltinDigits;
+      }
+    }
+    for (int64_t k = 0; k < S; ++k) ASSERT_GE(needle_at[size_t(k)], 1);
+    // The queries: every key once, each followed by the answer its needle holds.
+    std::set<int32_t> asked;
+    for (int64_t j = 0; j < S; ++j) {
+      const int64_t q = sep + 1 + 2 * j;
+      const int32_t key = tok(q) - kBuiltinFirstQuery;
+      ASSERT_TRUE(key >= 0 && key < S);
+      ASSERT_EQ(tok(q + 1), kBuiltinFirstAnswer + digit[size_t(key)]);
+      asked.insert(key);
+      digit_hits[size_t(digit[size_t(key)])]++;
+      far += q + 1 - needle_at[size_t(key)] >= 100;
+      very_far += q + 1 - needle_at[size_t(key)] >= 400;
+      ++answers;
+    }
+    ASSERT_EQ(int64_t(asked.size()), S);
+    // The mask is 1 exactly on the answers.
+    for (int64_t i = 0; i < n; ++i) {
+      const bool answer = i > sep && i < n - 1 && (i - sep) % 2 == 0;
+      ASSERT_EQ(msk(i), answer ? 1 : 0) << "document " << d << " token " << i;
+    }
   }
-  EXPECT_GT(lengths.size(), 20u);  // k varies
+  EXPECT_GT(haystacks.size(), 200u);             // H varies
+  for (int64_t h : digit_hits) EXPECT_GT(h, 50);  // 2400 answers over 16 digits
+  EXPECT_GT(double(far) / double(answers), 0.45);  // about half the needles lie >= 100 tokens back
+  EXPECT_GT(very_far, 50);                            // and some >= 400
 }
 
-TEST(BuiltinTask, PacksWithCountedTargetsOnCopies) {
+TEST(BuiltinTask, PacksWithCountedTargetsOnAnswers) {
   const TokenDataset ds = builtin_dataset(40, 9);
   const auto order = document_order(ds.num_documents(), 1, true);
-  const auto batches = pack_all(ds, order, 128, 4);
-  int64_t counted = 0, expected = 0;
+  const int64_t L = builtin_train_defaults().seq_len;
+  const auto batches = pack_all(ds, order, L, 2);
+  int64_t counted = 0;
   for (const auto& b : batches) counted += b.num_targets();
-  for (int64_t d = 0; d < ds.num_documents(); ++d) expected += (ds.doc_length(d) - 3) / 2 + 1;  // copy + EOS
-  EXPECT_EQ(counted, expected);
-  check_invariants(ds, order, 128, 4, batches);
+  EXPECT_EQ(counted, 40 * kBuiltinSlots);
+  check_invariants(ds, order, L, 2, batches);
 }
 
 }  // namespace

@@ -1,0 +1,12 @@
+// Micro-benchmarks of the engine's host-side parts (`longtune bench <what>`). Each returns the
+// process exit code; errors are thrown as longtune::Error and turned into a message by main().
+#pragma once
+
+namespace longtune::cli {
+
+// longtune bench adamw: host AdamW step time (params/s, GB/s) against a STREAM-like copy/triad
+// measured in the same run with the same threads, for each thread count of --threads.
+// argv[0] is the subcommand name ("adamw"), options follow (see --help).
+int run_bench_adamw(int argc, char** argv);
+
+}  // namespace longtune::cli

@@ -1,0 +1,298 @@
+#include "src/train/trainer.hpp"
+
+#include <sys/resource.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "io/atomic_file.hpp"
+#include "io/checkpoint.hpp"
+#include "io/hf_config.hpp"
+#include "io/safetensors.hpp"
+#include "io/token_dataset.hpp"
+#include "src/common/error.hpp"
+#include "src/data/builtin_task.hpp"
+#include "src/data/packer.hpp"
+#include "src/model/hf_adapter.hpp"
+#include "src/optim/kokkos_scope.hpp"
+#include "src/train/evaluate.hpp"
+#include "src/train/train_step.hpp"
+
+namespace fs = std::filesystem;
+
+namespace longtune {
+
+namespace {
+
+double peak_rss_mib() {
+  struct rusage ru {};
+  if (getrusage(RUSAGE_SELF, &ru) != 0) return 0.0;
+  return double(ru.ru_maxrss) / 1024.0;  // ru_maxrss is in KiB on Linux
+}
+
+std::string format_duration(double s) {
+  char buf[32];
+  if (s < 60) std::snprintf(buf, sizeof buf, "%.0fs", s);
+  else if (s < 3600) std::snprintf(buf, sizeof buf, "%dm%02ds", int(s / 60), int(s) % 60);
+  else std::snprintf(buf, sizeof buf, "%dh%02dm", int(s / 3600), (int(s) % 3600) / 60);
+  return buf;
+}
+
+// Keeps only the metrics records of steps <= `step` (a resumed run repeats the later ones).
+void truncate_metrics(const fs::path& path, int64_t step) {
+  if (!fs::exists(path)) return;
+  std::ifstream in(path);
+  std::string line, kept;
+  while (std::getline(in, line)) {
+    const auto pos = line.find("\"step\":");
+    if (pos == std::string::npos) continue;
+    if (std::stoll(line.substr(pos + 7)) <= step) kept += line + "\n";
+  }
+  write_file_atomic(path.string(), kept);
+}
+
+}  // namespace
+
+struct Trainer::Impl {
+  TrainConfig cfg;
+  KokkosScope kokkos;
+  LlamaConfig model_cfg;
+  std::unique_ptr<ParamTable> table;
+  TokenDataset train_data, eval_data;
+  std::unique_ptr<HostTrainState> state;
+  std::unique_ptr<LlamaCpu> model;
+  ScheduleConfig schedule;
+  fs::path run_dir, ckpt_dir, metrics_path;
+  int64_t start_step = 0, tokens_seen = 0, epoch = 0;
+  PackerCursor cursor{};
+  std::string run_id;
+
+  explicit Impl(TrainConfig c) : cfg(std::move(c)), kokkos(cfg.threads) { setup(); }
+  void setup();
+  bool try_resume();
+  void save_checkpoint(int64_t step);
+  void evaluate(int64_t step, std::ofstream& metrics);
+  void run();
+};
+
+void Trainer::Impl::setup() {
+  // ---- model ----
+  if (cfg.builtin_model()) {
+    model_cfg = builtin_model_config();
+  } else {
+    model_cfg = load_hf_model_config(cfg.model_dir);
+  }
+  table = std::make_unique<ParamTable>(model_cfg);
+
+  // ---- data (validated against the model's vocabulary before any compute) ----
+  if (cfg.builtin_data()) {
+    const BuiltinTrainDefaults d = builtin_train_defaults();
+    train_data = builtin_dataset(d.train_docs, cfg.seed + 1);
+    train_data.path = "built-in task (train)";
+    eval_data = builtin_dataset(d.eval_docs, cfg.seed + 1000003);
+    eval_data.path = "built-in task (held-out)";
+    if (train_data.vocab_size > model_cfg.vocab_size)
+      throw InputError(train_data.path, "vocab_size", "at most the model's vocab_size " +
+                       std::to_string(model_cfg.vocab_size), std::to_string(train_data.vocab_size));
+  } else {
+    train_data = load_token_dataset(cfg.data, model_cfg.vocab_size);
+    if (!cfg.eval_data.empty()) eval_data = load_token_dataset(cfg.eval_data, model_cfg.vocab_size);
+  }
+  if (model_cfg.max_position_embeddings > 0 && cfg.seq_len > model_cfg.max_position_embeddings)
+    std::fprintf(stderr, "[train] warning: --seq-len %lld exceeds the model's max_position_embeddings %lld\n",
+                 (long long)cfg.seq_len, (long long)model_cfg.max_position_embeddings);
+
+  // ---- schedule ----
+  schedule.kind = parse_lr_schedule(cfg.schedule);
+  schedule.base_lr = cfg.adamw.lr;
+  schedule.warmup_steps = cfg.warmup_steps;
+  schedule.total_steps = cfg.steps;
+  schedule.min_lr_ratio = cfg.min_lr_ratio;
+  validate(schedule);
+  validate(cfg.adamw);
+
+  // ---- run directory: refuse to mix runs ----
+  run_dir = cfg.run_dir;
+  ckpt_dir = run_dir / "ckpt";
+  metrics_path = run_dir / "metrics.jsonl";
+  std::vector<std::string> warnings;
+  const bool has_checkpoints =
+      fs::exists(ckpt_dir) && find_latest_checkpoint(ckpt_dir.string(), &warnings, CheckpointCheck::kStructure);
+  if (has_checkpoints && cfg.resume == "none")
+    throw ConfigError(run_dir.string() + ": run-dir: expected a new or empty run directory (or --resume auto), got " +
+                      "one holding checkpoints of an earlier run");
+  if (!has_checkpoints && cfg.resume == "none" && fs::exists(metrics_path))
+    throw ConfigError(run_dir.string() + ": run-dir: expected a new run directory, got one holding metrics.jsonl " +
+                      "of another run (use a new --run-dir)");
+  if (cfg.resume != "auto" && cfg.resume != "none" && !fs::exists(cfg.resume))
+    throw ConfigError(cfg.resume + ": resume: expected an existing checkpoint directory, got no such path");
+  fs::create_directories(ckpt_dir);
+
+  // ---- host state and initial weights ----
+  state = std::make_unique<HostTrainState>(*table, cfg.adamw);
+  if (cfg.builtin_model()) {
+    builtin_init_weights(model_cfg, *table, cfg.init_seed, state->master());
+  } else {
+    load_hf_weights(SafetensorsDir(cfg.model_dir), *table, state->master());
+  }
+  model = std::make_unique<LlamaCpu>(model_cfg, *table);
+
+  std::ostringstream id;
+  id << std::hex << std::chrono::system_clock::now().time_since_epoch().count();
+  run_id = id.str();
+  if (!try_resume()) {
+    write_file_atomic((run_dir / "config.ini").string(), to_ini(cfg));
+    write_file_atomic((run_dir / "model_config.json").string(), hf_config_to_json(model_cfg));
+  }
+}
+
+bool Trainer::Impl::try_resume() {
+  std::optional<CheckpointRef> ref;
+  std::vector<std::string> warnings;
+  if (cfg.resume == "auto") {
+    ref = find_latest_checkpoint(ckpt_dir.string(), &warnings);
+  } else if (cfg.resume != "none") {
+    ref = open_checkpoint(cfg.resume);
+  }
+  for (const auto& w : warnings) std::fprintf(stderr, "[train] warning: %s\n", w.c_str());
+  if (!ref) return false;
+  check_param_table(*ref, *table);
+  const TrainerState ts = read_trainer_state(*ref);
+  read_shard(*ref, 0, table->total_elements(), state->master(), state->exp_avg(), state->exp_avg_sq());
+  start_step = ts.step;
+  tokens_seen = ts.tokens_seen;
+  epoch = ts.epoch;
+  cursor = PackerCursor{ts.cursor_order_index, ts.cursor_offset_in_doc};
+  run_id = ts.run_id;
+  truncate_metrics(metrics_path, start_step);
+  std::printf("[train] resumed from %s at step %lld\n", ref->dir.c_str(), (long long)start_step);
+  return true;
+}
+
+void Trainer::Impl::save_checkpoint(int64_t step) {
+  TrainerState ts;
+  ts.step = step;
+  ts.tokens_seen = tokens_seen;
+  ts.epoch = epoch;
+  ts.cursor_order_index = cursor.order_index;
+  ts.cursor_offset_in_doc = cursor.offset_in_doc;
+  ts.data_seed = cfg.seed;
+  ts.rng_state = "order=document_order(seed + epoch)";
+  ts.loss_scale = 1.0;
+  ts.resolved_config = to_ini(cfg);
+  ts.run_id = run_id;
+  CheckpointShard shard{state->master(), state->exp_avg(), state->exp_avg_sq(), 0, table->total_elements(),
+                        table->total_elements(), 0, 1};
+  CheckpointWriter writer(ckpt_dir.string(), cfg.keep_last);
+  const std::string tmp = writer.begin(step);
+  writer.write_rank(tmp, shard, *table, ts);
+  writer.commit(step, tmp, 1);
+}
+
+void Trainer::Impl::evaluate(int64_t step, std::ofstream& metrics) {
+  if (eval_data.num_documents() <= 0) return;
+  const auto t0 = std::chrono::steady_clock::now();
+  const EvalResult r = evaluate_dataset(*model, state->master(), eval_data, cfg.seq_len, cfg.micro_batch);
+  std::string extra_text, extra_json;
+  if (cfg.builtin_data()) {
+    const RetrievalAccuracy acc = builtin_retrieval_accuracy(*model, state->master(), eval_data, cfg.seq_len);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, " | retrieval accuracy %.1f%% (%lld/%lld)", 100.0 * acc.accuracy(),
+                  (long long)acc.correct, (long long)acc.total);
+    extra_text = buf;
+    std::snprintf(buf, sizeof buf, ",\"eval_retrieval_accuracy\":%.6f", acc.accuracy());
+    extra_json = buf;
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  std::printf("[eval] step %lld | held-out loss %.4f | perplexity %.3f%s | %.1fs\n", (long long)step,
+              r.loss.mean(), std::exp(r.loss.mean()), extra_text.c_str(), secs);
+  metrics << "{\"step\":" << step << ",\"eval_loss\":" << r.loss.mean() << ",\"eval_perplexity\":"
+          << std::exp(r.loss.mean()) << ",\"eval_targets\":" << r.loss.count << extra_json << "}\n";
+  metrics.flush();
+}
+
+void Trainer::Impl::run() {
+  std::printf("[train] model: %s | %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, %.3f M parameters\n",
+              cfg.builtin_model() ? "built-in tiny Llama" : cfg.model_dir.c_str(),
+              (long long)model_cfg.num_hidden_layers, (long long)model_cfg.hidden_size,
+              (long long)model_cfg.num_attention_heads, (long long)model_cfg.num_key_value_heads,
+              (long long)model_cfg.vocab_size, double(table->num_parameters()) / 1e6);
+  std::printf("[train] data: %s | %lld documents, %lld tokens | seq_len %lld x micro-batch %lld x accum %lld\n",
+              train_data.path.c_str(), (long long)train_data.num_documents(), (long long)train_data.num_tokens(),
+              (long long)cfg.seq_len, (long long)cfg.micro_batch, (long long)cfg.grad_accum);
+  std::printf("[train] host state: %s | %d threads | run dir %s\n", state->arena().describe().c_str(),
+              KokkosScope::concurrency(), run_dir.c_str());
+
+  std::ofstream metrics(metrics_path, std::ios::app);
+  if (!metrics) throw IoError(metrics_path.string() + ": cannot open for appending");
+  auto new_packer = [&](int64_t ep) {
+    return std::make_unique<SequencePacker>(
+        train_data, document_order(train_data.num_documents(), cfg.seed + uint64_t(ep), cfg.shuffle), cfg.seq_len);
+  };
+  auto packer = new_packer(epoch);
+  packer->set_cursor(cursor);
+
+  if (start_step == 0 && cfg.eval_every > 0) evaluate(0, metrics);
+  const auto t_start = std::chrono::steady_clock::now();
+  double window_tokens = 0, window_secs = 0;
+  const int64_t last_step = cfg.stop_after > 0 ? std::min(cfg.steps, start_step + cfg.stop_after) : cfg.steps;
+  for (int64_t step = start_step + 1; step <= last_step; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    // The global batch: grad_accum micro-batches (one rank; the distributed engine takes a
+    // rank's share of world x grad_accum).
+    std::vector<PackedBatch> micro(size_t(cfg.grad_accum));
+    for (auto& b : micro) {
+      while (!packer->next_rows(cfg.micro_batch, &b)) {  // epoch boundary: next shuffled order
+        ++epoch;
+        packer = new_packer(epoch);
+      }
+    }
+    cursor = packer->cursor();
+    const double lr = scheduled_lr(schedule, step);
+    const StepResult r = train_step(*model, *state, micro, step, lr);
+    tokens_seen += r.tokens;
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    window_tokens += double(r.tokens);
+    window_secs += secs;
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+    const double eta = elapsed / double(step - start_step) * double(cfg.steps - step);  // to the run's end
+    metrics << "{\"step\":" << step << ",\"loss\":" << r.loss.mean() << ",\"lr\":" << lr
+            << ",\"grad_norm\":" << r.optim.grad_norm << ",\"clip_coef\":" << r.optim.clip_coef
+            << ",\"targets\":" << r.loss.count << ",\"tokens\":" << r.tokens << ",\"tokens_seen\":" << tokens_seen
+            << ",\"step_seconds\":" << secs << ",\"tokens_per_s\":" << double(r.tokens) / secs
+            << ",\"mfu\":null,\"peak_rss_mib\":" << peak_rss_mib() << ",\"eta_s\":" << eta
+            << ",\"skipped\":" << (r.skipped ? "true" : "false") << "}\n";
+    metrics.flush();
+    if (step % cfg.log_every == 0 || step == cfg.steps || step == start_step + 1) {
+      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | peak RSS %.0f MiB | ETA %s%s\n",
+                  (long long)step, (long long)cfg.steps, r.loss.mean(), lr, r.optim.grad_norm,
+                  window_tokens / window_secs, peak_rss_mib(), format_duration(eta).c_str(),
+                  r.skipped ? " | skipped: no counted targets" : "");
+      std::fflush(stdout);
+      window_tokens = window_secs = 0;
+    }
+    if (cfg.eval_every > 0 && step % cfg.eval_every == 0 && step != cfg.steps) evaluate(step, metrics);
+    if ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last_step) save_checkpoint(step);
+  }
+  if (last_step < cfg.steps) {
+    std::printf("[train] stopped after step %lld of %lld (--stop-after); `longtune train` with the same run dir resumes\n",
+                (long long)last_step, (long long)cfg.steps);
+    return;
+  }
+  if (start_step < cfg.steps) evaluate(cfg.steps, metrics);
+  const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
+  std::printf("[train] done: %lld steps in %s, %lld tokens seen; checkpoint in %s\n",
+              (long long)(cfg.steps - start_step), format_duration(total).c_str(), (long long)tokens_seen,
+              ckpt_dir.c_str());
+  std::printf("[train] %s\n", format_numa_usage(host_memory_per_node()).c_str());
+}
+
+Trainer::Trainer(TrainConfig cfg) : impl_(std::make_unique<Impl>(std::move(cfg))) {}
+Trainer::~Trainer() = default;
+void Trainer::run() { impl_->run(); }
+
+}  // namespace longtune
