@@ -23,9 +23,14 @@ HostTrainState::HostTrainState(const ParamTable& table, const AdamWConfig& adamw
 
 StepResult train_step(LlamaCpu& model, HostTrainState& state, const std::vector<PackedBatch>& micro_batches,
                       int64_t step, double lr) {
+  int64_t global_targets = 0;
+  for (const PackedBatch& b : micro_batches) global_targets += b.num_targets();
+  return train_step(model, state, micro_batches, global_targets, step, lr);
+}
+
+StepResult train_step(LlamaCpu& model, HostTrainState& state, const std::vector<PackedBatch>& micro_batches,
+                      int64_t global_count, int64_t step, double lr) {
   StepResult r;
-  int64_t global_count = 0;
-  for (const PackedBatch& b : micro_batches) global_count += b.num_targets();
   std::fill_n(state.grad(), state.length(), 0.0f);
   if (global_count == 0) {
     r.skipped = true;

@@ -41,8 +41,12 @@ struct StepResult {
   bool skipped = false;   // no counted target in the batch: no update
 };
 
-// Zeroes the gradient, accumulates forward_backward over `micro_batches` with grad_scale
-// 1 / (counted targets of all of them), and applies AdamW step `step` (>= 1) at learning rate lr.
+// Zeroes the gradient, accumulates forward_backward over this rank's `micro_batches` with
+// grad_scale 1 / global_targets (counted targets of the whole global batch), and applies AdamW step
+// `step` (>= 1) at learning rate lr. Loss and tokens in the result are this rank's.
+StepResult train_step(LlamaCpu& model, HostTrainState& state, const std::vector<PackedBatch>& micro_batches,
+                      int64_t global_targets, int64_t step, double lr);
+// Single rank: the micro-batches are the whole global batch.
 StepResult train_step(LlamaCpu& model, HostTrainState& state, const std::vector<PackedBatch>& micro_batches,
                       int64_t step, double lr);
 

@@ -16,6 +16,7 @@
 #include "io/token_dataset.hpp"
 #include "src/common/error.hpp"
 #include "src/data/builtin_task.hpp"
+#include "src/data/global_batch.hpp"
 #include "src/data/packer.hpp"
 #include "src/model/hf_adapter.hpp"
 #include "src/optim/kokkos_scope.hpp"
@@ -229,12 +230,10 @@ void Trainer::Impl::run() {
 
   std::ofstream metrics(metrics_path, std::ios::app);
   if (!metrics) throw IoError(metrics_path.string() + ": cannot open for appending");
-  auto new_packer = [&](int64_t ep) {
-    return std::make_unique<SequencePacker>(
-        train_data, document_order(train_data.num_documents(), cfg.seed + uint64_t(ep), cfg.shuffle), cfg.seq_len);
-  };
-  auto packer = new_packer(epoch);
-  packer->set_cursor(cursor);
+  // One rank here; the distributed engine passes its world size and rank.
+  GlobalBatchStream stream(train_data, cfg.seq_len, cfg.micro_batch, cfg.grad_accum, /*world_size=*/1, /*rank=*/0,
+                           cfg.seed, cfg.shuffle);
+  stream.set_cursor(GlobalBatchCursor{epoch, cursor});
 
   if (start_step == 0 && cfg.eval_every > 0) evaluate(0, metrics);
   const auto t_start = std::chrono::steady_clock::now();
@@ -242,18 +241,11 @@ void Trainer::Impl::run() {
   const int64_t last_step = cfg.stop_after > 0 ? std::min(cfg.steps, start_step + cfg.stop_after) : cfg.steps;
   for (int64_t step = start_step + 1; step <= last_step; ++step) {
     const auto t0 = std::chrono::steady_clock::now();
-    // The global batch: grad_accum micro-batches (one rank; the distributed engine takes a
-    // rank's share of world x grad_accum).
-    std::vector<PackedBatch> micro(size_t(cfg.grad_accum));
-    for (auto& b : micro) {
-      while (!packer->next_rows(cfg.micro_batch, &b)) {  // epoch boundary: next shuffled order
-        ++epoch;
-        packer = new_packer(epoch);
-      }
-    }
-    cursor = packer->cursor();
+    const RankBatch batch = stream.next();
+    epoch = stream.cursor().epoch;
+    cursor = stream.cursor().packer;
     const double lr = scheduled_lr(schedule, step);
-    const StepResult r = train_step(*model, *state, micro, step, lr);
+    const StepResult r = train_step(*model, *state, batch.micro_batches, batch.global_targets, step, lr);
     tokens_seen += r.tokens;
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     window_tokens += double(r.tokens);
