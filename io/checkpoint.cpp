@@ -15,7 +15,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
+#include <thread>
 #include <type_traits>
 
 #include "io/atomic_file.hpp"
@@ -198,12 +200,17 @@ uint64_t trainer_state_checksum(const TrainerState& s) {
 
 // ---- HDF5 writing ------------------------------------------------------------------------------
 
-H5Id file_access_plist(const H5& h5) {
+// Data objects of at least 1 MiB (the tensor datasets) start at a multiple of 1 MiB in files
+// this code writes: page- and stripe-aligned for the pwrite/pread of their bytes.
+constexpr hsize_t kDataAlignment = hsize_t(1) << 20;
+
+H5Id file_access_plist(const H5& h5, bool for_writing = false) {
   H5Id fapl = h5.id(H5Pcreate(H5P_FILE_ACCESS), H5Pclose, "H5Pcreate", "");
 #if (H5_VERS_MAJOR == 1 && H5_VERS_MINOR == 10 && H5_VERS_RELEASE >= 7) || H5_VERSION_GE(1, 12, 1)
   // Lock as HDF5 does by default, but do not fail on file systems without flock (NFS, Lustre).
   h5.check(H5Pset_file_locking(fapl.get(), true, true), "H5Pset_file_locking", "");
 #endif
+  if (for_writing) h5.check(H5Pset_alignment(fapl.get(), kDataAlignment, kDataAlignment), "H5Pset_alignment", "");
   return fapl;
 }
 
@@ -597,17 +604,168 @@ void stream_tensor(const H5& h5, const Dataset& d, int64_t lo, int64_t hi, float
   if (actual != d.checksum) checksum_mismatch(h5, d, actual);
 }
 
-// Checksums the three tensor datasets of a rank file without keeping the data.
-void verify_tensor_data(const std::string& path, int64_t shard_len) {
+// ---- tensor data outside HDF5 ----------------------------------------------------------------------
+//
+// The tensor datasets this code writes are contiguous and unfiltered: their bytes lie at one offset
+// of the file (H5Dget_offset). They are written and read with pwrite/pread, one thread per dataset,
+// the checksum taken piece by piece while the piece is in cache. That keeps the bulk I/O outside
+// the HDF5 library (which serializes every call, and is not thread-safe in every build) and reads
+// and writes each byte once. Datasets stored otherwise (chunked or filtered by another writer) are
+// read through HDF5 (stream_tensor).
+
+// Bytes per pwrite/pread call while checksumming: the piece is hashed while it is in L2.
+constexpr size_t kHashPiece = size_t(1) << 20;
+// Bytes per pwrite call when no checksum is taken.
+constexpr size_t kPlainPiece = size_t(16) << 20;
+
+// Runs f(0), f(1), f(2) concurrently (f(0) on the calling thread); rethrows the first exception
+// after all three ended.
+template <class F>
+void run_per_tensor(F&& f) {
+  std::exception_ptr err[3];
+  auto call = [&](int i) {
+    try {
+      f(i);
+    } catch (...) {
+      err[i] = std::current_exception();
+    }
+  };
+  std::thread t1(call, 1), t2(call, 2);
+  call(0);
+  t1.join();
+  t2.join();
+  for (const auto& e : err)
+    if (e) std::rethrow_exception(e);
+}
+
+// Bytes written between two sync_file_range calls.
+constexpr size_t kWritebackPiece = size_t(8) << 20;
+
+// Writes n floats at file offset `offset`; returns their XXH3-64 when `hash` (else 0). Writeback
+// of every 8 MiB written is started at once (sync_file_range), so the disk works while the rest is
+// copied and the final fsync has little left to do.
+uint64_t pwrite_tensor(int fd, const std::string& path, const float* data, size_t n, uint64_t offset, bool hash) {
+  const char* p = reinterpret_cast<const char*>(data);
+  const size_t bytes = n * sizeof(float), piece = hash ? kHashPiece : kPlainPiece;
+  Xxh3 h;
+  size_t flushed = 0;
+  for (size_t done = 0; done < bytes;) {
+    const size_t k = std::min(piece, bytes - done);
+    if (hash) h.update(p + done, k);
+    pwrite_full(fd, p + done, k, offset + done, path);
+    done += k;
+    if (done - flushed >= kWritebackPiece || done == bytes) {
+      // Only a hint: the fsync that follows is what makes the data durable.
+      (void)::sync_file_range(fd, off_t(offset + flushed), off_t(done - flushed), SYNC_FILE_RANGE_WRITE);
+      flushed = done;
+    }
+  }
+  return hash ? h.digest() : 0;
+}
+
+// Where a tensor dataset's bytes lie in its file, when they can be read with pread: contiguous
+// layout, stored inside the file, allocated, len x 4 bytes.
+std::optional<uint64_t> raw_data_offset(const H5& h5, const Dataset& d) {
+  if (d.len == 0) return std::nullopt;
+  H5Id dcpl = h5.id(H5Dget_create_plist(d.id.get()), H5Pclose, "H5Dget_create_plist", d.object);
+  if (H5Pget_layout(dcpl.get()) != H5D_CONTIGUOUS || H5Pget_external_count(dcpl.get()) != 0 ||
+      H5Pget_nfilters(dcpl.get()) != 0) {
+    H5Eclear2(H5E_DEFAULT);
+    return std::nullopt;
+  }
+  const haddr_t off = H5Dget_offset(d.id.get());
+  if (off == HADDR_UNDEF) {
+    H5Eclear2(H5E_DEFAULT);
+    return std::nullopt;
+  }
+  if (H5Dget_storage_size(d.id.get()) != hsize_t(d.len) * sizeof(float)) return std::nullopt;
+  return uint64_t(off);
+}
+
+// A tensor dataset to stream: where its bytes are (raw) or its open HDF5 dataset (fallback).
+struct TensorSource {
+  Dataset d;
+  std::optional<uint64_t> offset;
+};
+
+// Like stream_tensor, with pread from `fd` at src.offset: every piece checksummed, elements
+// [lo, hi) copied to out when out is not null.
+void pread_tensor(int fd, const std::string& path, const TensorSource& src, int64_t lo, int64_t hi, float* out) {
+  const Dataset& d = src.d;
+  const int64_t piece = std::max<int64_t>(1, std::min<int64_t>(g_piece_elems, int64_t(kHashPiece / sizeof(float))));
+  std::vector<float> scratch;
+  Xxh3 hash;
+  for (int64_t p0 = 0; p0 < d.len; p0 += piece) {
+    const int64_t p1 = std::min(d.len, p0 + piece);
+    const size_t bytes = size_t(p1 - p0) * sizeof(float);
+    const bool direct = out && lo <= p0 && p1 <= hi;
+    float* dst;
+    if (direct) {
+      dst = out + (p0 - lo);
+    } else {
+      if (scratch.size() < size_t(p1 - p0)) scratch.resize(size_t(piece));
+      dst = scratch.data();
+    }
+    const uint64_t at = *src.offset + uint64_t(p0) * sizeof(float);
+    const size_t got = pread_full(fd, dst, bytes, at, path);
+    if (got != bytes)
+      throw InputError(path, d.object, std::to_string(d.len * int64_t(sizeof(float))) + " bytes of data at offset " +
+                                           std::to_string(*src.offset),
+                       "end of file after " + std::to_string(at + got) + " bytes (truncated file)");
+    hash.update(dst, bytes);
+    if (out && !direct) {
+      const int64_t a = std::max(lo, p0), b = std::min(hi, p1);
+      if (a < b) std::copy(dst + (a - p0), dst + (b - p0), out + (a - lo));
+    }
+  }
+  const uint64_t actual = hash.digest();
+  if (actual != d.checksum)
+    throw InputError(path, d.object, "data matching its xxh3_64 checksum " + hex64(d.checksum),
+                     "checksum " + hex64(actual) + " (corrupted data)");
+}
+
+// Streams the tensor datasets `want` (by index into kTensorNames) of one rank file, checksummed;
+// elements [lo, hi) of dataset i go to outs[i] (when not null). The three raw-readable datasets
+// are read concurrently, HDF5 is only used for metadata and for datasets stored otherwise.
+void stream_rank_tensors(const std::string& path, int64_t shard_len, const bool want[3], int64_t lo, int64_t hi,
+                         float* const outs[3]) {
   quiet_hdf5(path);
   const H5 h5{path};
-  H5Id file = open_rank_file(h5);
-  std::vector<float> scratch;
-  for (const char* name : kTensorNames) {
-    Dataset d = open_dataset(h5, file.get(), name, name + 1, Elem::F32, shard_len);
-    stream_tensor(h5, d, 0, 0, nullptr, scratch);
+  TensorSource src[3];
+  {
+    H5Id file = open_rank_file(h5);
+    bool all_raw = true;
+    for (int i = 0; i < 3; ++i) {
+      if (!want[i]) continue;
+      src[i].d = open_dataset(h5, file.get(), kTensorNames[i], kTensorNames[i] + 1, Elem::F32, shard_len);
+      src[i].offset = raw_data_offset(h5, src[i].d);
+      all_raw = all_raw && (src[i].offset || src[i].d.len == 0);
+    }
+    if (!all_raw) {
+      std::vector<float> scratch;
+      for (int i = 0; i < 3; ++i)
+        if (want[i] && !src[i].offset) stream_tensor(h5, src[i].d, lo, hi, outs[i], scratch);
+    }
+    for (TensorSource& t : src) t.d.id = H5Id();  // HDF5 keeps nothing open during the raw reads
+    h5.check(file.close(), "H5Fclose", "");
   }
-  h5.check(file.close(), "H5Fclose", "");
+  bool any_raw = false;
+  for (int i = 0; i < 3; ++i) any_raw = any_raw || (want[i] && src[i].offset);
+  if (!any_raw) return;
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) throw IoError("open(" + path + "): " + errno_text(errno));
+  (void)::posix_fadvise(fd.get(), 0, 0, POSIX_FADV_SEQUENTIAL);
+  run_per_tensor([&](int i) {
+    if (want[i] && src[i].offset) pread_tensor(fd.get(), path, src[i], lo, hi, outs[i]);
+  });
+  fd.close(path);
+}
+
+// Checksums the three tensor datasets of a rank file without keeping the data.
+void verify_tensor_data(const std::string& path, int64_t shard_len) {
+  const bool all[3] = {true, true, true};
+  float* const none[3] = {nullptr, nullptr, nullptr};
+  stream_rank_tensors(path, shard_len, all, 0, 0, none);
 }
 
 std::string shape_text(const std::vector<int64_t>& shape) {
@@ -763,8 +921,28 @@ std::string CheckpointWriter::begin(int64_t step) {
   return tmp;
 }
 
-void CheckpointWriter::write_rank(const std::string& tmp_dir, const CheckpointShard& shard, const ParamTable& table,
-                                  const TrainerState& state) {
+namespace {
+
+// A rank file under its temporary name with every HDF5 object in place; the tensor data is written
+// into the datasets' allocated space by pwrite.
+struct PendingRankFile {
+  std::string path, tmp;  // final name; temporary name
+  const float* tensors[3] = {};
+  size_t n = 0;
+  uint64_t offsets[3] = {};
+};
+
+// Removes a temporary file unless disarmed.
+struct UnlinkGuard {
+  const std::string& p;
+  bool armed = true;
+  ~UnlinkGuard() {
+    if (armed) ::unlink(p.c_str());
+  }
+};
+
+void check_write_rank_args(const std::string& tmp_dir, const CheckpointShard& shard, const ParamTable& table,
+                           const TrainerState& state) {
   const std::string dir_name = fs::path(tmp_dir).filename().string();
   const auto dir_step = parse_prefixed_step(dir_name, kTmpPrefix);
   LT_CHECK(dir_step.has_value(), "write_rank needs the directory CheckpointWriter::begin returned, got " + tmp_dir);
@@ -776,20 +954,48 @@ void CheckpointWriter::write_rank(const std::string& tmp_dir, const CheckpointSh
   LT_CHECK(shard.shard_len == 0 || (shard.master && shard.exp_avg && shard.exp_avg_sq), "null shard pointer");
   for (const std::string* s : {&state.rng_state, &state.resolved_config, &state.run_id})
     LT_CHECK(s->find('\0') == std::string::npos, "trainer state strings cannot hold NUL bytes");
+}
 
-  const std::string path = join(tmp_dir, checkpoint_rank_file_name(shard.rank, shard.world_size));
-  const std::string tmp = temp_path_for(path);
+// A 1-D float32 dataset of n elements, contiguous, its space allocated at creation and never
+// filled (every byte is written by pwrite_tensor). Returns it open, with its data's file offset.
+H5Id create_tensor_dataset(const H5& h5, hid_t file, const char* name, size_t n, uint64_t* offset) {
+  H5Id dcpl = h5.id(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "H5Pcreate", name);
+  h5.check(H5Pset_layout(dcpl.get(), H5D_CONTIGUOUS), "H5Pset_layout", name);
+  h5.check(H5Pset_alloc_time(dcpl.get(), H5D_ALLOC_TIME_EARLY), "H5Pset_alloc_time", name);
+  h5.check(H5Pset_fill_time(dcpl.get(), H5D_FILL_TIME_NEVER), "H5Pset_fill_time", name);
+  const hsize_t dim = n;
+  H5Id space = h5.id(H5Screate_simple(1, &dim, nullptr), H5Sclose, "H5Screate_simple", name);
+  H5Id ds = h5.id(H5Dcreate2(file, name, H5T_IEEE_F32LE, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), H5Dclose,
+                  "H5Dcreate2", name);
+  *offset = 0;
+  if (n > 0) {
+    const haddr_t off = H5Dget_offset(ds.get());
+    if (off == HADDR_UNDEF) throw h5.error("H5Dget_offset", name);
+    *offset = uint64_t(off);
+  }
+  return ds;
+}
+
+// Creates the rank file under a temporary name in tmp_dir. With `checksums` null the tensor data
+// is written too (pwrite, one thread per tensor, checksummed on the way); otherwise the datasets
+// are only allocated, get checksums[i] as their checksum, and the data is left to
+// finish_rank_file(.., true). Throws after removing the temporary file.
+PendingRankFile create_rank_file(const std::string& tmp_dir, const CheckpointShard& shard, const ParamTable& table,
+                                 const TrainerState& state, const uint64_t* checksums) {
+  check_write_rank_args(tmp_dir, shard, table, state);
+  PendingRankFile f;
+  f.path = join(tmp_dir, checkpoint_rank_file_name(shard.rank, shard.world_size));
+  f.tmp = temp_path_for(f.path);
+  f.tensors[0] = shard.master;
+  f.tensors[1] = shard.exp_avg;
+  f.tensors[2] = shard.exp_avg_sq;
+  f.n = size_t(shard.shard_len);
+  const std::string& tmp = f.tmp;
   quiet_hdf5(tmp);
   const H5 h5{tmp};
-  struct Unlink {
-    const std::string& p;
-    bool armed = true;
-    ~Unlink() {
-      if (armed) ::unlink(p.c_str());
-    }
-  } guard{tmp};
+  UnlinkGuard guard{tmp};
   {
-    H5Id fapl = file_access_plist(h5);
+    H5Id fapl = file_access_plist(h5, true);
     H5Id file = h5.id(H5Fcreate(tmp.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, fapl.get()), H5Fclose, "H5Fcreate", "");
     {
       H5Id root = h5.id(H5Gopen2(file.get(), "/", H5P_DEFAULT), H5Gclose, "H5Gopen2", "/");
@@ -800,11 +1006,25 @@ void CheckpointWriter::write_rank(const std::string& tmp_dir, const CheckpointSh
       write_i64_attr(h5, root.get(), "world_size", shard.world_size);
       h5.check(root.close(), "H5Gclose", "/");
     }
-    const size_t n = size_t(shard.shard_len);
-    const float* tensors[3] = {shard.master, shard.exp_avg, shard.exp_avg_sq};
-    for (int i = 0; i < 3; ++i)
-      write_dataset(h5, file.get(), kTensorNames[i], H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, n, tensors[i],
-                    xxh3(tensors[i], n * sizeof(float)));
+    {
+      H5Id ds[3];
+      for (int i = 0; i < 3; ++i) ds[i] = create_tensor_dataset(h5, file.get(), kTensorNames[i], f.n, &f.offsets[i]);
+      uint64_t sums[3];
+      if (checksums) {
+        std::copy(checksums, checksums + 3, sums);
+      } else {
+        // The data goes into the allocated space through a second descriptor while HDF5 holds the
+        // file open: HDF5 never touches a dataset's raw data space unless asked to.
+        UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CLOEXEC));
+        if (fd.get() < 0) throw IoError("open(" + tmp + "): " + errno_text(errno));
+        run_per_tensor([&](int i) { sums[i] = pwrite_tensor(fd.get(), tmp, f.tensors[i], f.n, f.offsets[i], true); });
+        fd.close(tmp);
+      }
+      for (int i = 0; i < 3; ++i) {
+        write_u64_attr(h5, ds[i].get(), kChecksumAttr, sums[i]);
+        h5.check(ds[i].close(), "H5Dclose", kTensorNames[i]);
+      }
+    }
     {
       const auto& entries = table.entries();
       std::vector<std::string> names;
@@ -854,9 +1074,30 @@ void CheckpointWriter::write_rank(const std::string& tmp_dir, const CheckpointSh
     }
     h5.check(file.close(), "H5Fclose", "");
   }
-  fsync_path(tmp);
-  rename_durable(tmp, path);
   guard.armed = false;
+  return f;
+}
+
+// Writes the tensor data when `write_data` (no HDF5 calls: may run in another thread), fsyncs the
+// file and renames it into place. Removes the temporary file on failure.
+void finish_rank_file(const PendingRankFile& f, bool write_data) {
+  UnlinkGuard guard{f.tmp};
+  if (write_data) {
+    UniqueFd fd(::open(f.tmp.c_str(), O_WRONLY | O_CLOEXEC));
+    if (fd.get() < 0) throw IoError("open(" + f.tmp + "): " + errno_text(errno));
+    run_per_tensor([&](int i) { pwrite_tensor(fd.get(), f.tmp, f.tensors[i], f.n, f.offsets[i], false); });
+    fd.close(f.tmp);
+  }
+  fsync_path(f.tmp);
+  rename_durable(f.tmp, f.path);
+  guard.armed = false;
+}
+
+}  // namespace
+
+void CheckpointWriter::write_rank(const std::string& tmp_dir, const CheckpointShard& shard, const ParamTable& table,
+                                  const TrainerState& state) {
+  finish_rank_file(create_rank_file(tmp_dir, shard, table, state, nullptr), false);
 }
 
 void CheckpointWriter::commit(int64_t step, const std::string& tmp, int world_size) {
@@ -1066,20 +1307,131 @@ void read_shard(const CheckpointRef& ref, int64_t begin, int64_t len, float* mas
            "read_shard range [" + std::to_string(begin) + ", +" + std::to_string(len) + ") outside the checkpoint's " +
                std::to_string(ref.total_len) + " elements");
   float* outs[3] = {master, exp_avg, exp_avg_sq};
-  std::vector<float> scratch;
+  const bool want[3] = {master != nullptr, exp_avg != nullptr, exp_avg_sq != nullptr};
+  if (!want[0] && !want[1] && !want[2]) return;
   for (const CheckpointRankFile& f : ref.files) {
     const int64_t a = std::max(begin, f.shard_begin), b = std::min(begin + len, f.shard_begin + f.shard_len);
     if (a >= b) continue;
-    quiet_hdf5(f.path);
-    const H5 h5{f.path};
-    H5Id file = open_rank_file(h5);
-    for (int i = 0; i < 3; ++i) {
-      if (!outs[i]) continue;
-      Dataset d = open_dataset(h5, file.get(), kTensorNames[i], kTensorNames[i] + 1, Elem::F32, f.shard_len);
-      stream_tensor(h5, d, a - f.shard_begin, b - f.shard_begin, outs[i] + (a - begin), scratch);
-    }
-    h5.check(file.close(), "H5Fclose", "");
+    float* const dst[3] = {master ? outs[0] + (a - begin) : nullptr, exp_avg ? outs[1] + (a - begin) : nullptr,
+                           exp_avg_sq ? outs[2] + (a - begin) : nullptr};
+    stream_rank_tensors(f.path, f.shard_len, want, a - f.shard_begin, b - f.shard_begin, dst);
   }
+}
+
+// ---- AsyncCheckpointWriter ---------------------------------------------------------------------
+
+namespace {
+
+bool hdf5_threadsafe() {
+  hbool_t t = 0;
+  return H5is_library_threadsafe(&t) >= 0 && t;
+}
+
+// Copies n floats and returns their XXH3-64, hashing each piece of the copy while it is in cache.
+uint64_t copy_and_hash(float* dst, const float* src, size_t n) {
+  Xxh3 h;
+  const size_t piece = kHashPiece / sizeof(float);
+  for (size_t i = 0; i < n; i += piece) {
+    const size_t k = std::min(piece, n - i);
+    std::memcpy(dst + i, src + i, k * sizeof(float));
+    h.update(dst + i, k * sizeof(float));
+  }
+  return h.digest();
+}
+
+}  // namespace
+
+AsyncCheckpointWriter::AsyncCheckpointWriter(std::string root, int keep_last)
+    : writer_(std::move(root), keep_last), commit_in_background_(hdf5_threadsafe()) {}
+
+AsyncCheckpointWriter::~AsyncCheckpointWriter() {
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "longtune: background checkpoint write failed: %s\n", one_line(e.what()).c_str());
+  }
+}
+
+void AsyncCheckpointWriter::wait() {
+  if (worker_.joinable()) worker_.join();
+  if (error_) {
+    std::exception_ptr e = error_;
+    error_ = nullptr;
+    deferred_commit_step_ = -1;
+    std::rethrow_exception(e);
+  }
+  if (deferred_commit_step_ >= 0) {
+    const int64_t step = deferred_commit_step_;
+    deferred_commit_step_ = -1;
+    writer_.commit(step, writer_.tmp_dir(step), deferred_commit_world_);
+  }
+}
+
+CheckpointShard AsyncCheckpointWriter::stage(size_t slot, const CheckpointShard& shard, uint64_t checksums[3]) {
+  if (staged_.size() <= slot) staged_.resize(slot + 1);
+  Staged& st = staged_[slot];
+  const size_t n = size_t(shard.shard_len);
+  if (st.capacity < 3 * n) {
+    st.data.reset();
+    st.data.reset(new float[3 * n]);  // not value-initialized: the copy is the first touch
+    st.capacity = 3 * n;
+  }
+  CheckpointShard s = shard;
+  float* p = st.data.get();
+  s.master = p;
+  s.exp_avg = p + n;
+  s.exp_avg_sq = p + 2 * n;
+  const float* from[3] = {shard.master, shard.exp_avg, shard.exp_avg_sq};
+  float* to[3] = {p, p + n, p + 2 * n};
+  run_per_tensor([&](int i) { checksums[i] = copy_and_hash(to[i], from[i], n); });
+  return s;
+}
+
+void AsyncCheckpointWriter::save(int64_t step, const std::vector<CheckpointShard>& shards, const ParamTable& table,
+                                 const TrainerState& state) {
+  wait();
+  LT_CHECK(!shards.empty(), "AsyncCheckpointWriter::save needs at least one shard");
+  for (size_t i = 0; i < shards.size(); ++i)
+    LT_CHECK(shards[i].rank == int(i) && shards[i].world_size == int(shards.size()),
+             "AsyncCheckpointWriter::save needs the shards of ranks 0 .. world_size-1 in order");
+  const std::string tmp = writer_.begin(step);
+  std::vector<PendingRankFile> files;
+  for (size_t i = 0; i < shards.size(); ++i) {
+    uint64_t sums[3];
+    const CheckpointShard s = stage(i, shards[i], sums);
+    files.push_back(create_rank_file(tmp, s, table, state, sums));
+  }
+  const int world = int(shards.size());
+  const bool commit_here = commit_in_background_;
+  if (!commit_here) {
+    deferred_commit_step_ = step;
+    deferred_commit_world_ = world;
+  }
+  worker_ = std::thread([this, files = std::move(files), step, tmp, world, commit_here] {
+    try {
+      for (const PendingRankFile& f : files) finish_rank_file(f, true);
+      if (commit_here) writer_.commit(step, tmp, world);
+    } catch (...) {
+      error_ = std::current_exception();
+      for (const PendingRankFile& f : files) ::unlink(f.tmp.c_str());
+    }
+  });
+}
+
+void AsyncCheckpointWriter::write_rank_async(const std::string& tmp_dir, const CheckpointShard& shard,
+                                             const ParamTable& table, const TrainerState& state) {
+  wait();
+  check_write_rank_args(tmp_dir, shard, table, state);
+  uint64_t sums[3];
+  const CheckpointShard s = stage(0, shard, sums);
+  PendingRankFile f = create_rank_file(tmp_dir, s, table, state, sums);
+  worker_ = std::thread([this, f = std::move(f)] {
+    try {
+      finish_rank_file(f, true);
+    } catch (...) {
+      error_ = std::current_exception();
+    }
+  });
 }
 
 namespace checkpoint_testing {

@@ -14,8 +14,11 @@
 // Readers (find_latest_checkpoint) only ever see complete checkpoints.
 #pragma once
 #include <cstdint>
+#include <exception>
+#include <memory>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "src/model/param_table.hpp"
@@ -88,6 +91,57 @@ class CheckpointWriter {
   void prune(int64_t just_written);
   std::string root_;
   int keep_last_;
+};
+
+// Checkpoints written by a background thread while training goes on. Each save first waits for
+// the previous one (rethrowing its error), then copies the shards' three arrays into staging
+// buffers owned by this object (reused from one save to the next: as much host memory as the
+// shards themselves), and returns; a thread then writes them exactly as CheckpointWriter does.
+// The caller is blocked only for the copy. wait() blocks until the pending write is durable and
+// rethrows its error (once); call it before exiting. The destructor waits too, but can only print
+// an error that nobody collected.
+//
+// One process holding every shard (world size 1, benchmarks): save() runs begin, write_rank for
+// each shard and commit in the background. Several ranks: rank 0 calls writer().begin(step) and
+// every rank, after a barrier, write_rank_async(); later (before the next checkpoint and at exit)
+// every rank calls wait(), a barrier follows, and rank 0 calls writer().commit(step, tmp, world).
+class AsyncCheckpointWriter {
+ public:
+  AsyncCheckpointWriter(std::string root, int keep_last);
+  ~AsyncCheckpointWriter();
+  AsyncCheckpointWriter(const AsyncCheckpointWriter&) = delete;
+  AsyncCheckpointWriter& operator=(const AsyncCheckpointWriter&) = delete;
+
+  CheckpointWriter& writer() { return writer_; }
+
+  // All shards of one checkpoint (ranks 0 .. shards.size()-1, every world_size == shards.size()).
+  void save(int64_t step, const std::vector<CheckpointShard>& shards, const ParamTable& table,
+            const TrainerState& state);
+  // This rank's shard into tmp_dir (see CheckpointWriter::write_rank); no commit.
+  void write_rank_async(const std::string& tmp_dir, const CheckpointShard& shard, const ParamTable& table,
+                        const TrainerState& state);
+  // Blocks until the pending write finished; rethrows the exception it ended with.
+  void wait();
+  // A write was started and not yet waited for.
+  bool pending() const { return worker_.joinable(); }
+
+ private:
+  struct Staged {
+    std::unique_ptr<float[]> data;  // master, exp_avg, exp_avg_sq back to back
+    size_t capacity = 0;            // floats
+  };
+  // Copies `shard` into staging slot `slot` and returns it pointing there, with the checksums of
+  // its three arrays.
+  CheckpointShard stage(size_t slot, const CheckpointShard& shard, uint64_t checksums[3]);
+  CheckpointWriter writer_;
+  std::vector<Staged> staged_;
+  std::thread worker_;
+  std::exception_ptr error_;
+  // commit() reads the rank files through HDF5: in the worker when the HDF5 library is
+  // thread-safe, else in wait() on the caller's thread.
+  bool commit_in_background_ = false;
+  int64_t deferred_commit_step_ = -1;
+  int deferred_commit_world_ = 0;
 };
 
 // One rank file of a checkpoint, in rank order.

@@ -17,7 +17,7 @@ constexpr const char* kUsage =
     "  train    full-parameter training; with no options, the built-in tiny model and task\n"
     "  eval     mean loss and perplexity of a model over a dataset (CPU)\n"
     "  export   a checkpoint as a Hugging Face model directory\n"
-    "  bench    benchmarks: `longtune bench adamw`\n"
+    "  bench    benchmarks: `longtune bench adamw`, `longtune bench checkpoint`\n"
     "  help     this text\n"
     "\n"
     "`longtune <command> --help` lists a command's options.\n";
@@ -37,7 +37,9 @@ int main(int argc, char** argv) {
     if (command == "export") return longtune::cli::run_export(argc - 1, argv + 1);
     if (command == "bench") {
       if (argc >= 3 && std::strcmp(argv[2], "adamw") == 0) return longtune::cli::run_bench_adamw(argc - 2, argv + 2);
-      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw\n");
+      if (argc >= 3 && std::strcmp(argv[2], "checkpoint") == 0)
+        return longtune::cli::run_bench_checkpoint(argc - 2, argv + 2);
+      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint\n");
       return 2;
     }
     std::fprintf(stderr, "longtune: unknown command '%s'\n%s", command.c_str(), kUsage);

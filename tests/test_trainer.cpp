@@ -9,6 +9,7 @@
 #include "io/checkpoint.hpp"
 #include "io/safetensors.hpp"
 #include "src/cli/commands.hpp"
+#include "src/comm/serial_comm.hpp"
 #include "src/common/error.hpp"
 #include "src/data/builtin_task.hpp"
 #include "src/model/param_table.hpp"
@@ -57,10 +58,13 @@ std::string parse_error(std::vector<std::string> words) {
 // A small, fast run of the built-in task.
 std::vector<std::string> small_run(const fs::path& run_dir, int steps) {
   return {"--seq-len", "96", "--micro-batch", "2", "--grad-accum", "2", "--steps", std::to_string(steps),
-          "--warmup-steps", steps > 2 ? "2" : "0", "--run-dir", run_dir.string(), "--log-every", "100"};
+          "--warmup-steps", steps > 2 ? "2" : "0", "--run-dir", run_dir.string(), "--log-every", "100", "--eval-every", "-1"};
 }
 
-void train(std::vector<std::string> words) { Trainer(parse(std::move(words))).run(); }
+void train(std::vector<std::string> words) {
+  SerialComm comm;
+  Trainer(parse(std::move(words)), comm).run();
+}
 
 struct Flat {
   std::vector<float> master, m, v;

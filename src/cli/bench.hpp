@@ -9,4 +9,9 @@ namespace longtune::cli {
 // argv[0] is the subcommand name ("adamw"), options follow (see --help).
 int run_bench_adamw(int argc, char** argv);
 
+// longtune bench checkpoint: HDF5 checkpoint write/read GB/s of a synthetic --gib GiB optimizer
+// state (io/checkpoint.hpp) against raw sequential write()/read() of the same disk in the same run,
+// with the page cache dropped before every read. argv[0] is "checkpoint", options follow.
+int run_bench_checkpoint(int argc, char** argv);
+
 }  // namespace longtune::cli

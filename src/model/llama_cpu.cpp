@@ -52,17 +52,19 @@ void LlamaCpu::check_batch(const PackedBatch& b) const {
   }
 }
 
-LossSum LlamaCpu::run_forward(const float* params, const PackedBatch& b, float* logits, bool keep) {
+LossSum LlamaCpu::run_forward(ParamAccess& acc, const PackedBatch& b, float* logits, bool keep) {
   check_batch(b);
   const int64_t T = b.num_tokens(), C = cfg_.hidden_size, F = cfg_.intermediate_size;
   const int64_t NH = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads, HD = cfg_.head_dim;
   const int64_t QD = cfg_.q_dim(), KVD = cfg_.kv_dim(), V = cfg_.vocab_size;
   const int64_t L = cfg_.num_hidden_layers, S = b.num_segments();
   const float eps = float(cfg_.rms_norm_eps);
-  auto P = [&](size_t i) { return params + table_.at(i).offset; };
+  auto P = [&](size_t i) { return acc.weight(i); };
 
   std::vector<float> x(size_t(T * C));
+  acc.acquire(ParamTable::kEmbedBlock);
   cpu::embedding_forward(x.data(), b.tokens.data(), P(table_.embed()), T, C);
+  acc.release(ParamTable::kEmbedBlock);
 
   acts_.clear();
   acts_.resize(keep ? size_t(L) : 1);
@@ -70,6 +72,7 @@ LossSum LlamaCpu::run_forward(const float* params, const PackedBatch& b, float* 
   for (int64_t l = 0; l < L; ++l) {
     LayerActs& a = acts_[keep ? size_t(l) : 0];
     const LayerParamIndex& w = table_.layer(l);
+    acc.acquire(table_.layer_block(l));
     a.x_in = x;
     a.ln1.resize(size_t(T * C)); a.rstd1.resize(size_t(T));
     a.q.resize(size_t(T * QD)); a.k.resize(size_t(T * KVD)); a.v.resize(size_t(T * KVD));
@@ -97,8 +100,11 @@ LossSum LlamaCpu::run_forward(const float* params, const PackedBatch& b, float* 
     cpu::swiglu_forward(a.hid.data(), a.gate.data(), a.up.data(), T, F);
     cpu::matmul_forward(tmp.data(), a.hid.data(), P(w.down_proj), T, F, C);
     add_into(x.data(), tmp.data(), x.size());
+    acc.release(table_.layer_block(l));
   }
 
+  acc.acquire(table_.head_block());
+  if (table_.tied()) acc.acquire(ParamTable::kEmbedBlock);  // the lm_head is the embedding
   final_in_ = x;
   final_norm_.resize(size_t(T * C));
   final_rstd_.resize(size_t(T));
@@ -113,24 +119,38 @@ LossSum LlamaCpu::run_forward(const float* params, const PackedBatch& b, float* 
     cpu::matmul_forward(lg, final_norm_.data() + t0 * C, P(table_.lm_head()), n, C, V);
     loss.sum += cpu::cross_entropy_forward(chunk_losses.data(), lg, b.targets.data() + t0, n, V);
   }
+  if (table_.tied()) acc.release(ParamTable::kEmbedBlock);
+  acc.release(table_.head_block());
   loss.count = b.num_targets();
   return loss;
 }
 
-LossSum LlamaCpu::forward(const float* params, const PackedBatch& batch, float* logits) {
+LossSum LlamaCpu::forward(ParamAccess& params, const PackedBatch& batch, float* logits) {
   return run_forward(params, batch, logits, /*keep_for_backward=*/false);
 }
 
+LossSum LlamaCpu::forward(const float* params, const PackedBatch& batch, float* logits) {
+  FlatParams flat(table_, params);
+  return forward(flat, batch, logits);
+}
+
 LossSum LlamaCpu::forward_backward(const float* params, float* grads, const PackedBatch& b, double grad_scale) {
-  const LossSum loss = run_forward(params, b, nullptr, /*keep_for_backward=*/true);
+  FlatParams flat(table_, params, grads);
+  return forward_backward(flat, b, grad_scale);
+}
+
+LossSum LlamaCpu::forward_backward(ParamAccess& acc, const PackedBatch& b, double grad_scale) {
+  const LossSum loss = run_forward(acc, b, nullptr, /*keep_for_backward=*/true);
   const int64_t T = b.num_tokens(), C = cfg_.hidden_size, F = cfg_.intermediate_size;
   const int64_t NH = cfg_.num_attention_heads, NKV = cfg_.num_key_value_heads, HD = cfg_.head_dim;
   const int64_t QD = cfg_.q_dim(), KVD = cfg_.kv_dim(), V = cfg_.vocab_size;
   const int64_t L = cfg_.num_hidden_layers, S = b.num_segments();
-  auto P = [&](size_t i) { return params + table_.at(i).offset; };
-  auto G = [&](size_t i) { return grads + table_.at(i).offset; };
+  auto P = [&](size_t i) { return acc.weight(i); };
+  auto G = [&](size_t i) { return acc.grad(i); };
 
   // lm_head + cross-entropy, chunk by chunk (logits recomputed, never stored whole).
+  acc.acquire(table_.head_block());
+  if (table_.tied()) acc.acquire(ParamTable::kEmbedBlock);
   std::vector<float> dnorm(size_t(T * C));
   std::vector<float> chunk(size_t(kLossChunk * V));
   for (int64_t t0 = 0; t0 < T; t0 += kLossChunk) {
@@ -143,6 +163,10 @@ LossSum LlamaCpu::forward_backward(const float* params, float* grads, const Pack
   std::vector<float> dx(size_t(T * C));  // gradient of the residual stream
   cpu::rmsnorm_backward(dx.data(), G(table_.final_norm()), dnorm.data(), final_in_.data(), P(table_.final_norm()),
                         final_rstd_.data(), T, C);
+  // A tied embedding's gradient is complete only after the embedding backward, at the very end.
+  if (table_.tied()) acc.release(ParamTable::kEmbedBlock);
+  acc.grads_done(table_.head_block());
+  acc.release(table_.head_block());
 
   std::vector<float> dtmp(size_t(T * C)), dln(size_t(T * C));
   std::vector<float> dhid(size_t(T * F)), dgate(size_t(T * F)), dup(size_t(T * F));
@@ -150,6 +174,7 @@ LossSum LlamaCpu::forward_backward(const float* params, float* grads, const Pack
   for (int64_t l = L - 1; l >= 0; --l) {
     const LayerActs& a = acts_[size_t(l)];
     const LayerParamIndex& w = table_.layer(l);
+    acc.acquire(table_.layer_block(l));
 
     // MLP block. dx is the gradient w.r.t. x_out; the residual passes it through unchanged.
     cpu::matmul_backward(dhid.data(), G(w.down_proj), dx.data(), a.hid.data(), P(w.down_proj), T, F, C);
@@ -175,8 +200,11 @@ LossSum LlamaCpu::forward_backward(const float* params, float* grads, const Pack
     cpu::rmsnorm_backward(dtmp.data(), G(w.input_norm), dln.data(), a.x_in.data(), P(w.input_norm), a.rstd1.data(),
                           T, C);
     add_into(dx.data(), dtmp.data(), dx.size());  // dx is now the gradient w.r.t. x_in
+    acc.grads_done(table_.layer_block(l));
+    acc.release(table_.layer_block(l));
   }
-  cpu::embedding_backward(G(table_.embed()), dx.data(), b.tokens.data(), T, C);
+  cpu::embedding_backward(G(table_.embed()), dx.data(), b.tokens.data(), T, C);  // needs no weights
+  acc.grads_done(ParamTable::kEmbedBlock);
   acts_.clear();
   return loss;
 }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "src/data/packed_batch.hpp"
+#include "src/model/param_access.hpp"
 #include "src/model/llama_config.hpp"
 #include "src/model/param_table.hpp"
 
@@ -33,18 +34,20 @@ class LlamaCpu {
   LlamaCpu& operator=(const LlamaCpu&) = delete;
 
   // Loss of one micro-batch. When `logits` is not null it receives the (T, V) logits.
+  LossSum forward(ParamAccess& params, const PackedBatch& batch, float* logits = nullptr);
   LossSum forward(const float* params, const PackedBatch& batch, float* logits = nullptr);
 
   // Forward and backward of one micro-batch: grads (ParamTable layout) += d(loss_sum * grad_scale)/d params.
   // grad_scale is 1 / (number of counted targets in the global batch), so that summing over
   // micro-batches and ranks yields the gradient of the global mean loss.
+  LossSum forward_backward(ParamAccess& params, const PackedBatch& batch, double grad_scale);
   LossSum forward_backward(const float* params, float* grads, const PackedBatch& batch, double grad_scale);
 
   const LlamaConfig& config() const { return cfg_; }
 
  private:
   struct LayerActs;  // saved activations of one decoder layer
-  LossSum run_forward(const float* params, const PackedBatch& batch, float* logits, bool keep_for_backward);
+  LossSum run_forward(ParamAccess& params, const PackedBatch& batch, float* logits, bool keep_for_backward);
   void check_batch(const PackedBatch& batch) const;
 
   LlamaConfig cfg_;

@@ -41,6 +41,23 @@ ParamTable::ParamTable(const LlamaConfig& cfg) {
   lm_head_ = cfg.tie_word_embeddings ? embed_ : add("lm_head.weight", {V, C}, -1);
 }
 
+int ParamTable::block_of(size_t entry) const {
+  const ParamEntry& e = entries_.at(entry);
+  if (e.layer >= 0) return layer_block(e.layer);
+  return entry == embed_ ? kEmbedBlock : head_block();
+}
+
+int64_t ParamTable::block_begin(int b) const {
+  LT_CHECK(b >= 0 && b < num_blocks(), "block index out of range");
+  if (b == kEmbedBlock) return entries_[embed_].offset;
+  if (b == head_block()) return entries_[final_norm_].offset;
+  return entries_[layers_[size_t(b - 1)].input_norm].offset;
+}
+
+int64_t ParamTable::block_end(int b) const {
+  return b + 1 < num_blocks() ? block_begin(b + 1) : total_;
+}
+
 long ParamTable::find(const std::string& name) const {
   for (size_t i = 0; i < entries_.size(); ++i)
     if (entries_[i].name == name) return long(i);

@@ -46,6 +46,17 @@ class ParamTable {
   bool tied() const { return lm_head_ == embed_; }
   const LayerParamIndex& layer(int64_t l) const { return layers_.at(size_t(l)); }
 
+  // Blocks: the units in which a sharded engine gathers weights and reduces gradients.
+  // Block 0 is the embedding, block 1 + l decoder layer l, the last block the final norm and the
+  // untied lm_head. Each is a contiguous range of the flat buffer, padding included.
+  int num_blocks() const { return int(layers_.size()) + 2; }
+  static constexpr int kEmbedBlock = 0;
+  int layer_block(int64_t l) const { return 1 + int(l); }
+  int head_block() const { return num_blocks() - 1; }
+  int block_of(size_t entry) const;
+  int64_t block_begin(int b) const;
+  int64_t block_end(int b) const;
+
  private:
   size_t add(std::string name, std::vector<int64_t> shape, int layer);
   std::vector<ParamEntry> entries_;

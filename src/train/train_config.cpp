@@ -67,7 +67,7 @@ po::options_description make_description(TrainConfig* c) {
       ("checkpoint-every", po::value(&c->checkpoint_every), "[train] checkpoint every N steps (0: at the end)")
       ("keep-last", po::value(&c->keep_last), "[train] complete checkpoints to keep (<= 0: all)")
       ("resume", po::value(&c->resume), "[train] auto (newest checkpoint of --run-dir), none, or a checkpoint path")
-      ("eval-every", po::value(&c->eval_every), "[train] held-out evaluation every N steps (0: at the end)")
+      ("eval-every", po::value(&c->eval_every), "[train] held-out evaluation every N steps (0: at the end only, -1: never)")
       ("log-every", po::value(&c->log_every), "[train] progress line every N steps")
       ("stop-after", po::value(&c->stop_after), "[train] stop this invocation after N steps, with a checkpoint (time-sliced jobs)")
       ("threads", po::value(&c->threads), "[train] host threads (0: OMP_NUM_THREADS or all cores)");
@@ -186,7 +186,7 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
           std::to_string(c.warmup_steps));
   require(c.min_lr_ratio >= 0 && c.min_lr_ratio <= 1, "min-lr-ratio", "a number in [0, 1]", num(c.min_lr_ratio));
   require(c.checkpoint_every >= 0, "checkpoint-every", "an integer >= 0", std::to_string(c.checkpoint_every));
-  require(c.eval_every >= 0, "eval-every", "an integer >= 0", std::to_string(c.eval_every));
+  require(c.eval_every >= -1, "eval-every", "an integer >= -1", std::to_string(c.eval_every));
   require(c.log_every >= 1, "log-every", "an integer >= 1", std::to_string(c.log_every));
   require(c.stop_after >= 0, "stop-after", "an integer >= 0", std::to_string(c.stop_after));
   require(c.threads >= 0, "threads", "an integer >= 0", std::to_string(c.threads));

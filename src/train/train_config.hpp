@@ -34,7 +34,7 @@ struct TrainConfig {
   int64_t checkpoint_every = 0;   // 0: only at the end
   int64_t keep_last = 2;
   std::string resume = "auto";    // auto | none | PATH of a step directory
-  int64_t eval_every = 0;         // 0: only at the end
+  int64_t eval_every = 0;         // 0: only at the end, -1: never
   int64_t log_every = 1;
   int64_t stop_after = 0;         // end this invocation after N steps, with a checkpoint (0: run to `steps`)
   int threads = 0;                // host threads for Kokkos/OpenMP (0: OMP_NUM_THREADS or all)

@@ -21,7 +21,7 @@
 #include "src/model/hf_adapter.hpp"
 #include "src/optim/kokkos_scope.hpp"
 #include "src/train/evaluate.hpp"
-#include "src/train/train_step.hpp"
+#include "src/train/sharded_state.hpp"
 
 namespace fs = std::filesystem;
 
@@ -60,11 +60,13 @@ void truncate_metrics(const fs::path& path, int64_t step) {
 
 struct Trainer::Impl {
   TrainConfig cfg;
+  Comm& comm;
+  bool root;  // rank 0: prints, writes metrics, commits checkpoints
   KokkosScope kokkos;
   LlamaConfig model_cfg;
   std::unique_ptr<ParamTable> table;
   TokenDataset train_data, eval_data;
-  std::unique_ptr<HostTrainState> state;
+  std::unique_ptr<ShardedTrainState> state;
   std::unique_ptr<LlamaCpu> model;
   ScheduleConfig schedule;
   fs::path run_dir, ckpt_dir, metrics_path;
@@ -72,11 +74,13 @@ struct Trainer::Impl {
   PackerCursor cursor{};
   std::string run_id;
 
-  explicit Impl(TrainConfig c) : cfg(std::move(c)), kokkos(cfg.threads) { setup(); }
+  Impl(TrainConfig c, Comm& cm) : cfg(std::move(c)), comm(cm), root(cm.rank() == 0), kokkos(cfg.threads) { setup(); }
+  std::string broadcast_string(std::string s);
   void setup();
   bool try_resume();
   void save_checkpoint(int64_t step);
   void evaluate(int64_t step, std::ofstream& metrics);
+  void report_host_memory();
   void run();
 };
 
@@ -103,7 +107,7 @@ void Trainer::Impl::setup() {
     train_data = load_token_dataset(cfg.data, model_cfg.vocab_size);
     if (!cfg.eval_data.empty()) eval_data = load_token_dataset(cfg.eval_data, model_cfg.vocab_size);
   }
-  if (model_cfg.max_position_embeddings > 0 && cfg.seq_len > model_cfg.max_position_embeddings)
+  if (root && model_cfg.max_position_embeddings > 0 && cfg.seq_len > model_cfg.max_position_embeddings)
     std::fprintf(stderr, "[train] warning: --seq-len %lld exceeds the model's max_position_embeddings %lld\n",
                  (long long)cfg.seq_len, (long long)model_cfg.max_position_embeddings);
 
@@ -131,46 +135,73 @@ void Trainer::Impl::setup() {
                       "of another run (use a new --run-dir)");
   if (cfg.resume != "auto" && cfg.resume != "none" && !fs::exists(cfg.resume))
     throw ConfigError(cfg.resume + ": resume: expected an existing checkpoint directory, got no such path");
-  fs::create_directories(ckpt_dir);
+  if (root) fs::create_directories(ckpt_dir);
+  comm.barrier();
 
-  // ---- host state and initial weights ----
-  state = std::make_unique<HostTrainState>(*table, cfg.adamw);
-  if (cfg.builtin_model()) {
-    builtin_init_weights(model_cfg, *table, cfg.init_seed, state->master());
-  } else {
-    load_hf_weights(SafetensorsDir(cfg.model_dir), *table, state->master());
+  // ---- this rank's shard of the state, and the initial weights ----
+  state = std::make_unique<ShardedTrainState>(*table, comm, cfg.adamw);
+  {
+    // Every rank reads the full initial weights once and keeps its slice (CPU engine: models
+    // small enough for that; the GPU engine streams them).
+    std::vector<float> full(size_t(table->total_elements()), 0.0f);
+    if (cfg.builtin_model()) builtin_init_weights(model_cfg, *table, cfg.init_seed, full.data());
+    else load_hf_weights(SafetensorsDir(cfg.model_dir), *table, full.data());
+    state->load_full(full.data());
   }
   model = std::make_unique<LlamaCpu>(model_cfg, *table);
 
   std::ostringstream id;
   id << std::hex << std::chrono::system_clock::now().time_since_epoch().count();
-  run_id = id.str();
-  if (!try_resume()) {
+  run_id = broadcast_string(id.str());
+  if (!try_resume() && root) {
     write_file_atomic((run_dir / "config.ini").string(), to_ini(cfg));
     write_file_atomic((run_dir / "model_config.json").string(), hf_config_to_json(model_cfg));
   }
+  comm.barrier();
+}
+
+std::string Trainer::Impl::broadcast_string(std::string s) {
+  int64_t n = int64_t(s.size());
+  comm.broadcast(&n, sizeof n, 0);
+  s.resize(size_t(n));
+  if (n > 0) comm.broadcast(s.data(), size_t(n), 0);
+  return s;
 }
 
 bool Trainer::Impl::try_resume() {
-  std::optional<CheckpointRef> ref;
-  std::vector<std::string> warnings;
-  if (cfg.resume == "auto") {
-    ref = find_latest_checkpoint(ckpt_dir.string(), &warnings);
-  } else if (cfg.resume != "none") {
-    ref = open_checkpoint(cfg.resume);
+  // Rank 0 picks the checkpoint (validating every file), the others open the same one; each
+  // rank then reads its own range, whatever world size wrote it (resharding).
+  std::string chosen;
+  if (root) {
+    std::optional<CheckpointRef> found;
+    std::vector<std::string> warnings;
+    if (cfg.resume == "auto") found = find_latest_checkpoint(ckpt_dir.string(), &warnings);
+    else if (cfg.resume != "none") found = open_checkpoint(cfg.resume);
+    for (const auto& w : warnings) std::fprintf(stderr, "[train] warning: %s\n", w.c_str());
+    if (found) chosen = found->dir;
   }
-  for (const auto& w : warnings) std::fprintf(stderr, "[train] warning: %s\n", w.c_str());
-  if (!ref) return false;
+  chosen = broadcast_string(chosen);
+  if (chosen.empty()) return false;
+  const CheckpointRef ref0 = open_checkpoint(chosen, CheckpointCheck::kStructure);
+  const CheckpointRef* ref = &ref0;
   check_param_table(*ref, *table);
   const TrainerState ts = read_trainer_state(*ref);
-  read_shard(*ref, 0, table->total_elements(), state->master(), state->exp_avg(), state->exp_avg_sq());
+  const int64_t begin = state->shard_begin();
+  const int64_t len = std::max<int64_t>(0, std::min(state->shard_len(), table->total_elements() - begin));
+  std::fill_n(state->master(), state->shard_len(), 0.0f);
+  std::fill_n(state->exp_avg(), state->shard_len(), 0.0f);
+  std::fill_n(state->exp_avg_sq(), state->shard_len(), 0.0f);
+  if (len > 0) read_shard(*ref, begin, len, state->master(), state->exp_avg(), state->exp_avg_sq());
   start_step = ts.step;
   tokens_seen = ts.tokens_seen;
   epoch = ts.epoch;
   cursor = PackerCursor{ts.cursor_order_index, ts.cursor_offset_in_doc};
   run_id = ts.run_id;
-  truncate_metrics(metrics_path, start_step);
-  std::printf("[train] resumed from %s at step %lld\n", ref->dir.c_str(), (long long)start_step);
+  if (root) {
+    truncate_metrics(metrics_path, start_step);
+    std::printf("[train] resumed from %s at step %lld (written by %d rank%s, now %d)\n", ref->dir.c_str(),
+                (long long)start_step, ref->world_size, ref->world_size == 1 ? "" : "s", comm.size());
+  }
   return true;
 }
 
@@ -186,21 +217,35 @@ void Trainer::Impl::save_checkpoint(int64_t step) {
   ts.loss_scale = 1.0;
   ts.resolved_config = to_ini(cfg);
   ts.run_id = run_id;
-  CheckpointShard shard{state->master(), state->exp_avg(), state->exp_avg_sq(), 0, table->total_elements(),
-                        table->total_elements(), 0, 1};
+  // Shards are saved clipped to the table's length: the padding that makes them equal is not data,
+  // and a checkpoint then reads back at any world size.
+  const int64_t total = table->total_elements();
+  const int64_t begin = std::min(state->shard_begin(), total);
+  const int64_t len = std::min(state->shard_len(), total - begin);
+  CheckpointShard shard{state->master(), state->exp_avg(), state->exp_avg_sq(), begin, len, total,
+                        comm.rank(), comm.size()};
+  // Rank 0 creates the temporary directory, every rank writes its file, rank 0 commits (rename,
+  // `latest`, pruning) once all files are complete.
   CheckpointWriter writer(ckpt_dir.string(), cfg.keep_last);
-  const std::string tmp = writer.begin(step);
+  if (root) writer.begin(step);
+  comm.barrier();
+  const std::string tmp = writer.tmp_dir(step);
   writer.write_rank(tmp, shard, *table, ts);
-  writer.commit(step, tmp, 1);
+  comm.barrier();
+  if (root) writer.commit(step, tmp, comm.size());
+  comm.barrier();
 }
 
 void Trainer::Impl::evaluate(int64_t step, std::ofstream& metrics) {
-  if (eval_data.num_documents() <= 0) return;
+  if (eval_data.num_documents() <= 0 || cfg.eval_every < 0) return;
   const auto t0 = std::chrono::steady_clock::now();
-  const EvalResult r = evaluate_dataset(*model, state->master(), eval_data, cfg.seq_len, cfg.micro_batch);
+  // CPU engine: every rank gathers the full weights and evaluates; rank 0 reports.
+  const std::vector<float> full = state->gather_full();
+  if (!root) return;
+  const EvalResult r = evaluate_dataset(*model, full.data(), eval_data, cfg.seq_len, cfg.micro_batch);
   std::string extra_text, extra_json;
   if (cfg.builtin_data()) {
-    const RetrievalAccuracy acc = builtin_retrieval_accuracy(*model, state->master(), eval_data, cfg.seq_len);
+    const RetrievalAccuracy acc = builtin_retrieval_accuracy(*model, full.data(), eval_data, cfg.seq_len);
     char buf[160];
     std::snprintf(buf, sizeof buf, " | retrieval accuracy %.1f%% (%lld/%lld)", 100.0 * acc.accuracy(),
                   (long long)acc.correct, (long long)acc.total);
@@ -217,21 +262,26 @@ void Trainer::Impl::evaluate(int64_t step, std::ofstream& metrics) {
 }
 
 void Trainer::Impl::run() {
-  std::printf("[train] model: %s | %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, %.3f M parameters\n",
+  if (root) std::printf("[train] model: %s | %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, %.3f M parameters\n",
               cfg.builtin_model() ? "built-in tiny Llama" : cfg.model_dir.c_str(),
               (long long)model_cfg.num_hidden_layers, (long long)model_cfg.hidden_size,
               (long long)model_cfg.num_attention_heads, (long long)model_cfg.num_key_value_heads,
               (long long)model_cfg.vocab_size, double(table->num_parameters()) / 1e6);
-  std::printf("[train] data: %s | %lld documents, %lld tokens | seq_len %lld x micro-batch %lld x accum %lld\n",
+  if (root) std::printf("[train] data: %s | %lld documents, %lld tokens | seq_len %lld x micro-batch %lld x accum %lld\n",
               train_data.path.c_str(), (long long)train_data.num_documents(), (long long)train_data.num_tokens(),
               (long long)cfg.seq_len, (long long)cfg.micro_batch, (long long)cfg.grad_accum);
-  std::printf("[train] host state: %s | %d threads | run dir %s\n", state->arena().describe().c_str(),
-              KokkosScope::concurrency(), run_dir.c_str());
+  if (root)
+    std::printf("[train] %d rank%s (%s) | host state per rank: %s | %d threads | run dir %s\n", comm.size(),
+                comm.size() == 1 ? "" : "s", comm.backend().c_str(), state->arena().describe().c_str(),
+                KokkosScope::concurrency(), run_dir.c_str());
 
-  std::ofstream metrics(metrics_path, std::ios::app);
-  if (!metrics) throw IoError(metrics_path.string() + ": cannot open for appending");
+  std::ofstream metrics;
+  if (root) {
+    metrics.open(metrics_path, std::ios::app);
+    if (!metrics) throw IoError(metrics_path.string() + ": cannot open for appending");
+  }
   // One rank here; the distributed engine passes its world size and rank.
-  GlobalBatchStream stream(train_data, cfg.seq_len, cfg.micro_batch, cfg.grad_accum, /*world_size=*/1, /*rank=*/0,
+  GlobalBatchStream stream(train_data, cfg.seq_len, cfg.micro_batch, cfg.grad_accum, comm.size(), comm.rank(),
                            cfg.seed, cfg.shuffle);
   stream.set_cursor(GlobalBatchCursor{epoch, cursor});
 
@@ -245,21 +295,22 @@ void Trainer::Impl::run() {
     epoch = stream.cursor().epoch;
     cursor = stream.cursor().packer;
     const double lr = scheduled_lr(schedule, step);
-    const StepResult r = train_step(*model, *state, batch.micro_batches, batch.global_targets, step, lr);
+    const ShardedStepResult r =
+        sharded_train_step(*model, *state, batch.micro_batches, batch.global_targets, step, lr);
     tokens_seen += r.tokens;
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     window_tokens += double(r.tokens);
     window_secs += secs;
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
     const double eta = elapsed / double(step - start_step) * double(cfg.steps - step);  // to the run's end
-    metrics << "{\"step\":" << step << ",\"loss\":" << r.loss.mean() << ",\"lr\":" << lr
+    if (root) metrics << "{\"step\":" << step << ",\"loss\":" << r.loss.mean() << ",\"lr\":" << lr
             << ",\"grad_norm\":" << r.optim.grad_norm << ",\"clip_coef\":" << r.optim.clip_coef
             << ",\"targets\":" << r.loss.count << ",\"tokens\":" << r.tokens << ",\"tokens_seen\":" << tokens_seen
             << ",\"step_seconds\":" << secs << ",\"tokens_per_s\":" << double(r.tokens) / secs
             << ",\"mfu\":null,\"peak_rss_mib\":" << peak_rss_mib() << ",\"eta_s\":" << eta
             << ",\"skipped\":" << (r.skipped ? "true" : "false") << "}\n";
-    metrics.flush();
-    if (step % cfg.log_every == 0 || step == cfg.steps || step == start_step + 1) {
+    if (root) metrics.flush();
+    if (root && (step % cfg.log_every == 0 || step == cfg.steps || step == start_step + 1)) {
       std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | peak RSS %.0f MiB | ETA %s%s\n",
                   (long long)step, (long long)cfg.steps, r.loss.mean(), lr, r.optim.grad_norm,
                   window_tokens / window_secs, peak_rss_mib(), format_duration(eta).c_str(),
@@ -271,19 +322,40 @@ void Trainer::Impl::run() {
     if ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last_step) save_checkpoint(step);
   }
   if (last_step < cfg.steps) {
-    std::printf("[train] stopped after step %lld of %lld (--stop-after); `longtune train` with the same run dir resumes\n",
+    if (root) std::printf("[train] stopped after step %lld of %lld (--stop-after); `longtune train` with the same run dir resumes\n",
                 (long long)last_step, (long long)cfg.steps);
     return;
   }
   if (start_step < cfg.steps) evaluate(cfg.steps, metrics);
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
-  std::printf("[train] done: %lld steps in %s, %lld tokens seen; checkpoint in %s\n",
-              (long long)(cfg.steps - start_step), format_duration(total).c_str(), (long long)tokens_seen,
-              ckpt_dir.c_str());
-  std::printf("[train] %s\n", format_numa_usage(host_memory_per_node()).c_str());
+  if (root)
+    std::printf("[train] done: %lld steps in %s, %lld tokens seen; checkpoint in %s\n",
+                (long long)(cfg.steps - start_step), format_duration(total).c_str(), (long long)tokens_seen,
+                ckpt_dir.c_str());
+  report_host_memory();
 }
 
-Trainer::Trainer(TrainConfig cfg) : impl_(std::make_unique<Impl>(std::move(cfg))) {}
+// Host memory of every rank (what `numastat -p` shows, summed over nodes) and of its optimizer
+// state, printed by rank 0: the state is 1/N of the single-process run.
+void Trainer::Impl::report_host_memory() {
+  const int n = comm.size();
+  std::vector<double> mib(size_t(2 * n), 0.0);
+  const NumaUsage usage = host_memory_per_node();
+  mib[size_t(comm.rank())] = double(usage.total()) / 1048576.0;
+  mib[size_t(n + comm.rank())] = double(state->arena().size()) / 1048576.0;
+  comm.all_reduce_sum(mib.data(), mib.size());
+  if (!root) return;
+  std::printf("[train] rank 0 %s\n", format_numa_usage(usage).c_str());
+  std::string line = "[train] host memory per rank (MiB, process / optimizer state):";
+  char buf[64];
+  for (int r = 0; r < n; ++r) {
+    std::snprintf(buf, sizeof buf, " r%d %.1f/%.2f", r, mib[size_t(r)], mib[size_t(n + r)]);
+    line += buf;
+  }
+  std::printf("%s\n", line.c_str());
+}
+
+Trainer::Trainer(TrainConfig cfg, Comm& comm) : impl_(std::make_unique<Impl>(std::move(cfg), comm)) {}
 Trainer::~Trainer() = default;
 void Trainer::run() { impl_->run(); }
 

@@ -6,13 +6,16 @@
 #include <memory>
 #include <string>
 
+#include "src/comm/comm.hpp"
 #include "src/train/train_config.hpp"
 
 namespace longtune {
 
+// Every rank of `comm` constructs a Trainer with the same configuration and calls run(); rank 0
+// prints, writes metrics and commits checkpoints.
 class Trainer {
  public:
-  explicit Trainer(TrainConfig cfg);
+  Trainer(TrainConfig cfg, Comm& comm);
   ~Trainer();
   // Trains to cfg.steps (from the resumed step), checkpointing and evaluating as configured.
   void run();
