@@ -8,6 +8,8 @@
 #include <filesystem>
 
 #include "io/checkpoint.hpp"
+#include "io/safetensors.hpp"
+#include "src/cli/commands.hpp"
 #include "src/comm/comm.hpp"
 #include "src/comm/serial_comm.hpp"
 #include "src/data/builtin_task.hpp"
@@ -128,6 +130,18 @@ TEST(ShardedTraining, ResumeAtSameWorldSizeIsBitExact) {
   EXPECT_EQ(0, std::memcmp(wa.data(), wb.data(), wa.size() * sizeof(float)));
   comm->barrier();
   if (comm->rank() == 0) {
+    // Export consolidates the shards of this world size into one HF directory.
+    std::vector<std::string> words = {"export", "--run-dir", b, "--out", b + "/hf", "--dtype", "fp32"};
+    std::vector<char*> argv;
+    for (auto& w : words) argv.push_back(w.data());
+    ASSERT_EQ(cli::run_export(int(argv.size()), argv.data()), 0);
+    const ParamTable table(builtin_model_config());
+    SafetensorsDir st(b + "/hf");
+    for (const ParamEntry& e : table.entries()) {
+      std::vector<float> got(size_t(e.numel));
+      st.read_f32(e.name, e.shape, got.data());
+      EXPECT_EQ(0, std::memcmp(got.data(), wb.data() + e.offset, got.size() * sizeof(float))) << e.name;
+    }
     fs::remove_all(a);
     fs::remove_all(b);
   }
