@@ -20,6 +20,7 @@ echo "== tests under sanitizers =="
 # The minute-long learning test (BuiltinTraining) exercises no code the other tests do not; it
 # runs in the normal build only.
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+LSAN_OPTIONS=suppressions="$repo_root/tests/lsan.supp" \
   ctest --test-dir build/asan --output-on-failure -E 'BuiltinTraining'
 
 
