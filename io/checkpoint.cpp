@@ -7,6 +7,7 @@
 #include <xxhash.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cerrno>
 #include <charconv>
@@ -38,8 +39,11 @@ constexpr const char* kStepPrefix = "step-";
 constexpr const char* kTmpPrefix = ".tmp-step-";
 constexpr const char* kReplacedPrefix = ".replaced-step-";
 constexpr const char* kDeletingPrefix = ".deleting-step-";
-// Elements per hyperslab read of a tensor dataset (16 MiB of fp32).
+// Elements per hyperslab read of a tensor dataset (16 MiB of fp32); the pread path uses at most
+// 1 MiB pieces.
 int64_t g_piece_elems = int64_t(1) << 22;
+// checkpoint_testing::set_fail_data_writes (read by background writers too).
+std::atomic<bool> g_fail_data_writes{false};
 
 // ---- names ---------------------------------------------------------------------------------------
 
@@ -615,8 +619,8 @@ void stream_tensor(const H5& h5, const Dataset& d, int64_t lo, int64_t hi, float
 
 // Bytes per pwrite/pread call while checksumming: the piece is hashed while it is in L2.
 constexpr size_t kHashPiece = size_t(1) << 20;
-// Bytes per pwrite call when no checksum is taken.
-constexpr size_t kPlainPiece = size_t(16) << 20;
+// Bytes per pwrite call when no checksum is taken (larger pieces were not faster).
+constexpr size_t kPlainPiece = size_t(1) << 20;
 
 // Runs f(0), f(1), f(2) concurrently (f(0) on the calling thread); rethrows the first exception
 // after all three ended.
@@ -648,6 +652,7 @@ uint64_t pwrite_tensor(int fd, const std::string& path, const float* data, size_
   const char* p = reinterpret_cast<const char*>(data);
   const size_t bytes = n * sizeof(float), piece = hash ? kHashPiece : kPlainPiece;
   Xxh3 h;
+  if (g_fail_data_writes.load() && bytes > 0) throw IoError("pwrite(" + path + "): failure injected by checkpoint_testing");
   size_t flushed = 0;
   for (size_t done = 0; done < bytes;) {
     const size_t k = std::min(piece, bytes - done);
@@ -739,9 +744,9 @@ void stream_rank_tensors(const std::string& path, int64_t shard_len, const bool 
       if (!want[i]) continue;
       src[i].d = open_dataset(h5, file.get(), kTensorNames[i], kTensorNames[i] + 1, Elem::F32, shard_len);
       src[i].offset = raw_data_offset(h5, src[i].d);
-      all_raw = all_raw && (src[i].offset || src[i].d.len == 0);
+      all_raw = all_raw && src[i].offset;
     }
-    if (!all_raw) {
+    if (!all_raw) {  // other storage, or empty (its checksum is still checked)
       std::vector<float> scratch;
       for (int i = 0; i < 3; ++i)
         if (want[i] && !src[i].offset) stream_tensor(h5, src[i].d, lo, hi, outs[i], scratch);
@@ -904,7 +909,8 @@ std::string CheckpointWriter::begin(int64_t step) {
   // Whatever a crashed writer left behind.
   for (const std::string& name : list_dir(root_)) {
     const std::string path = join(root_, name);
-    if (name.starts_with(kTmpPrefix) || name.starts_with(kDeletingPrefix)) {
+    // (".latest.tmp.*": write_file_atomic's temporary file of `latest`, killed before its rename.)
+    if (name.starts_with(kTmpPrefix) || name.starts_with(kDeletingPrefix) || name.starts_with(".latest.tmp.")) {
       remove_tree(path);
     } else if (auto s = parse_prefixed_step(name, kReplacedPrefix)) {
       // A crash between the two renames of a replacement: the old checkpoint is complete.
@@ -1439,6 +1445,7 @@ void set_read_piece_elems(int64_t n) {
   LT_CHECK(n >= 1, "piece size must be positive");
   g_piece_elems = n;
 }
+void set_fail_data_writes(bool fail) { g_fail_data_writes.store(fail); }
 }  // namespace checkpoint_testing
 
 }  // namespace longtune

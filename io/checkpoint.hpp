@@ -93,18 +93,26 @@ class CheckpointWriter {
   int keep_last_;
 };
 
-// Checkpoints written by a background thread while training goes on. Each save first waits for
-// the previous one (rethrowing its error), then copies the shards' three arrays into staging
-// buffers owned by this object (reused from one save to the next: as much host memory as the
-// shards themselves), and returns; a thread then writes them exactly as CheckpointWriter does.
-// The caller is blocked only for the copy. wait() blocks until the pending write is durable and
-// rethrows its error (once); call it before exiting. The destructor waits too, but can only print
-// an error that nobody collected.
+// Checkpoints written by a background thread while training goes on (docs/checkpoints.md,
+// "Asynchronous writing"). A save first waits for the previous one (rethrowing its error), then,
+// on the caller's thread: copies the shards' three arrays into staging buffers owned by this
+// object (as much host memory as the shards; allocated at the first save and reused), taking the
+// checksums on the way, and creates the HDF5 rank files with everything but the tensor bytes. It
+// returns then; the caller may change its arrays at once. A thread writes the tensor bytes
+// (pwrite, no HDF5 call), fsyncs and renames the files into place, and commits. wait() blocks until
+// that is done and rethrows its error (once): call it before exiting. The destructor waits too,
+// but can only print an error that nobody collected. The files are the same as
+// CheckpointWriter's, and so is the crash safety: a checkpoint is visible only once committed.
 //
-// One process holding every shard (world size 1, benchmarks): save() runs begin, write_rank for
-// each shard and commit in the background. Several ranks: rank 0 calls writer().begin(step) and
-// every rank, after a barrier, write_rank_async(); later (before the next checkpoint and at exit)
-// every rank calls wait(), a barrier follows, and rank 0 calls writer().commit(step, tmp, world).
+// One process holding every shard (world size 1, benchmarks): save() runs begin, the rank files
+// and commit. Several ranks: rank 0 calls writer().begin(step); after a barrier every rank calls
+// write_rank_async(); later (before the next checkpoint, and at exit) every rank calls wait(), a
+// barrier follows, and rank 0 calls writer().commit(step, tmp, world_size). Do not use writer()
+// while a write is pending.
+//
+// The commit reads the rank files' metadata through HDF5: it runs in the thread when the HDF5
+// library is thread-safe (H5is_library_threadsafe; Debian's and conda's serial builds are), else
+// in wait(), on the caller's thread.
 class AsyncCheckpointWriter {
  public:
   AsyncCheckpointWriter(std::string root, int keep_last);
@@ -192,16 +200,19 @@ void check_param_table(const CheckpointRef& ref, const ParamTable& model);
 // Reads the flat range [begin, begin + len) of master weights and both moments, stitched from
 // whichever rank files hold it, so a run may resume at another world size. A null output pointer
 // skips that array. Every dataset read from is checksummed whole: a rank file that holds only part
-// of the range is still read in full (in 16 MiB pieces, copying out the overlap), so the cost is
-// the size of the touched rank files' datasets, not of the range. Throws InputError on a checksum
-// mismatch.
+// of the range is still read in full (in 1 MiB pieces, copying out the overlap; the three arrays
+// concurrently), so the cost is the size of the touched rank files' datasets, not of the range.
+// Throws InputError on a checksum mismatch.
 void read_shard(const CheckpointRef& ref, int64_t begin, int64_t len, float* master, float* exp_avg,
                 float* exp_avg_sq);
 
 namespace checkpoint_testing {
-// Elements per hyperslab read in read_shard and checksum verification (default 4 Mi = 16 MiB);
-// tests lower it to exercise piece boundaries on small checkpoints.
+// Elements per read piece in read_shard and checksum verification: per HDF5 hyperslab read
+// (default 4 Mi = 16 MiB), and per pread up to 256 Ki (1 MiB); tests lower it to exercise piece
+// boundaries on small checkpoints.
 void set_read_piece_elems(int64_t n);
+// While set, every write of tensor data throws an IoError (to test error paths of the writers).
+void set_fail_data_writes(bool fail);
 }  // namespace checkpoint_testing
 
 }  // namespace longtune

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -695,6 +696,196 @@ TEST_F(CheckpointParamTable, MismatchNamesFileAndFirstDifferingTensor) {
   } catch (const InputError& e) {
     EXPECT_NE(std::string(e.what()).find("lm_head.weight"), std::string::npos) << e.what();
   }
+}
+
+// ---- tensor data layout, datasets stored by other writers, the async writer -----------------------
+
+// The shards of `bounds` (world_size + 1 boundaries) over f's arrays.
+std::vector<CheckpointShard> shards_of(const Flat& f, const std::vector<int64_t>& bounds) {
+  std::vector<CheckpointShard> v;
+  const int world = int(bounds.size()) - 1;
+  for (int r = 0; r < world; ++r) {
+    CheckpointShard s;
+    s.shard_begin = bounds[size_t(r)];
+    s.shard_len = bounds[size_t(r) + 1] - s.shard_begin;
+    s.total_len = bounds.back();
+    s.master = f.a[0].data() + s.shard_begin;
+    s.exp_avg = f.a[1].data() + s.shard_begin;
+    s.exp_avg_sq = f.a[2].data() + s.shard_begin;
+    s.rank = r;
+    s.world_size = world;
+    v.push_back(s);
+  }
+  return v;
+}
+
+// Replaces the float dataset `name` of a rank file by a chunked, deflate-compressed copy with the
+// same data and checksum attribute, as another HDF5 writer (h5py with compression) could store it.
+void rewrite_chunked(const std::string& path, const char* name) {
+  H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  const hid_t file = H5Fopen(path.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+  ASSERT_GE(file, 0);
+  hid_t ds = H5Dopen2(file, name, H5P_DEFAULT);
+  ASSERT_GE(ds, 0);
+  const hid_t space = H5Dget_space(ds);
+  hsize_t n = 0;
+  H5Sget_simple_extent_dims(space, &n, nullptr);
+  std::vector<float> data(static_cast<size_t>(n));
+  ASSERT_GE(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()), 0);
+  uint64_t sum = 0;
+  const hid_t a = H5Aopen(ds, "xxh3_64", H5P_DEFAULT);
+  H5Aread(a, H5T_NATIVE_UINT64, &sum);
+  H5Aclose(a);
+  H5Dclose(ds);
+  ASSERT_GE(H5Ldelete(file, name, H5P_DEFAULT), 0);
+  const hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+  const hsize_t chunk = 100;
+  H5Pset_chunk(dcpl, 1, &chunk);
+  if (H5Zfilter_avail(H5Z_FILTER_DEFLATE) > 0) H5Pset_deflate(dcpl, 1);
+  ds = H5Dcreate2(file, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+  ASSERT_GE(ds, 0);
+  ASSERT_GE(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data()), 0);
+  const hid_t aspace = H5Screate(H5S_SCALAR);
+  const hid_t attr = H5Acreate2(ds, "xxh3_64", H5T_STD_U64LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
+  H5Awrite(attr, H5T_NATIVE_UINT64, &sum);
+  H5Aclose(attr);
+  H5Sclose(aspace);
+  H5Dclose(ds);
+  H5Pclose(dcpl);
+  H5Sclose(space);
+  H5Fclose(file);
+}
+
+TEST_F(CheckpointRoundTrip, LargeTensorDatasetsAreContiguousAndMiBAligned) {
+  const ParamTable big(tiny_config(12288));
+  const int64_t n = big.total_elements();
+  ASSERT_GT(n, 2 * 262144);  // both shards' arrays above 1 MiB
+  const Flat f = make_flat(n, 11);
+  CheckpointWriter w(root, 0);
+  write_checkpoint(w, 5, {0, n / 2, n}, f, big);
+  for (int r = 0; r < 2; ++r)
+    for (const char* name : {"/master", "/exp_avg", "/exp_avg_sq"})
+      EXPECT_EQ(dataset_offset(rank_path(root, 5, r, 2), name) % (uint64_t(1) << 20), 0u) << name;
+  const auto ref = find_latest_checkpoint(root, nullptr);  // full validation
+  ASSERT_TRUE(ref.has_value());
+  expect_reads_back(*ref, f, 0, n);
+  expect_reads_back(*ref, f, n / 2 - 1000, 280000);  // across the two files, several 1 MiB pieces
+}
+
+TEST_F(CheckpointRoundTrip, ChunkedCompressedDatasetsOfAnotherWriterAreReadThroughHdf5) {
+  const Flat f = make_flat(total, 12);
+  CheckpointWriter w(root, 0);
+  write_checkpoint(w, 9, bounds3(total), f, table);
+  const std::string victim = rank_path(root, 9, 1, 3);
+  rewrite_chunked(victim, "/exp_avg");
+  {
+    const hid_t file = H5Fopen(victim.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    const hid_t ds = H5Dopen2(file, "/exp_avg", H5P_DEFAULT);
+    const hid_t dcpl = H5Dget_create_plist(ds);
+    EXPECT_EQ(H5Pget_layout(dcpl), H5D_CHUNKED);
+    H5Pclose(dcpl);
+    H5Dclose(ds);
+    H5Fclose(file);
+  }
+  std::vector<std::string> warnings;
+  const auto ref = find_latest_checkpoint(root, &warnings);  // full validation reads it too
+  ASSERT_TRUE(ref.has_value()) << joined(warnings);
+  EXPECT_EQ(ref->step, 9);
+  checkpoint_testing::set_read_piece_elems(64);
+  expect_reads_back(*ref, f, 0, total);
+  expect_reads_back(*ref, f, 650, 950);
+  checkpoint_testing::set_read_piece_elems(int64_t(1) << 22);
+  expect_reads_back(*ref, f, 650, 950);
+}
+
+using CheckpointAsync = CheckpointTest;
+
+TEST_F(CheckpointAsync, SaveSnapshotsTheArraysAndWritesInTheBackground) {
+  Flat f = make_flat(total, 21);
+  const Flat expected = f;
+  AsyncCheckpointWriter w(root, 0);
+  w.save(100, shards_of(f, bounds3(total)), table, state_for(100));
+  // The caller may change its arrays as soon as save() returns.
+  for (auto& v : f.a) std::fill(v.begin(), v.end(), 0.0f);
+  w.wait();
+  EXPECT_FALSE(w.pending());
+  std::vector<std::string> warnings;
+  auto ref = find_latest_checkpoint(root, &warnings);
+  ASSERT_TRUE(ref.has_value()) << joined(warnings);
+  EXPECT_TRUE(warnings.empty()) << joined(warnings);
+  EXPECT_EQ(ref->step, 100);
+  EXPECT_EQ(ref->world_size, 3);
+  expect_reads_back(*ref, expected, 0, total);
+  EXPECT_EQ(read_trainer_state(*ref), state_for(100));
+  // A second save reuses the staging buffers; the destructor waits for it.
+  const Flat g = make_flat(total, 22);
+  w.save(200, shards_of(g, {0, total}), table, state_for(200));
+  w.wait();
+  ref = find_latest_checkpoint(root, nullptr);
+  ASSERT_TRUE(ref.has_value());
+  EXPECT_EQ(ref->step, 200);
+  EXPECT_EQ(ref->world_size, 1);
+  expect_reads_back(*ref, g, 0, total);
+  // Nothing of the protocol is left behind.
+  for (const auto& e : fs::directory_iterator(fs::path(root) / "step-00000200"))
+    EXPECT_EQ(e.path().filename().string(), "rank-00000-of-00001.h5");
+}
+
+TEST_F(CheckpointAsync, EveryRankWritesAsyncThenRankZeroCommits) {
+  const Flat f = make_flat(total, 23);
+  const std::vector<CheckpointShard> shards = shards_of(f, bounds3(total));
+  std::vector<std::unique_ptr<AsyncCheckpointWriter>> ranks;  // one writer per simulated rank
+  for (size_t r = 0; r < shards.size(); ++r) ranks.push_back(std::make_unique<AsyncCheckpointWriter>(root, 0));
+  const std::string tmp = ranks[0]->writer().begin(300);
+  for (size_t r = 0; r < shards.size(); ++r) ranks[r]->write_rank_async(tmp, shards[r], table, state_for(300));
+  for (auto& w : ranks) w->wait();
+  ranks[0]->writer().commit(300, tmp, 3);
+  const auto ref = find_latest_checkpoint(root, nullptr);
+  ASSERT_TRUE(ref.has_value());
+  EXPECT_EQ(ref->step, 300);
+  expect_reads_back(*ref, f, 0, total);
+}
+
+TEST_F(CheckpointAsync, BackgroundErrorIsRethrownByWaitAndNothingIsCommitted) {
+  const Flat f100 = make_flat(total, 24), f200 = make_flat(total, 25);
+  CheckpointWriter sync(root, 0);
+  write_checkpoint(sync, 100, bounds3(total), f100, table);
+  AsyncCheckpointWriter w(root, 0);
+  checkpoint_testing::set_fail_data_writes(true);
+  w.save(200, shards_of(f200, bounds3(total)), table, state_for(200));
+  try {
+    w.wait();
+    checkpoint_testing::set_fail_data_writes(false);
+    FAIL() << "no error";
+  } catch (const IoError& e) {
+    checkpoint_testing::set_fail_data_writes(false);
+    EXPECT_NE(std::string(e.what()).find("injected"), std::string::npos) << e.what();
+  }
+  EXPECT_NO_THROW(w.wait());  // reported once
+  EXPECT_FALSE(fs::exists(fs::path(root) / "step-00000200"));
+  std::vector<std::string> warnings;
+  auto ref = find_latest_checkpoint(root, &warnings);
+  ASSERT_TRUE(ref.has_value());
+  EXPECT_TRUE(warnings.empty()) << joined(warnings);
+  EXPECT_EQ(ref->step, 100);
+  // No temporary rank file is left in the abandoned directory.
+  for (const auto& e : fs::directory_iterator(w.writer().tmp_dir(200))) ADD_FAILURE() << e.path();
+  // The writer works again afterwards.
+  w.save(200, shards_of(f200, bounds3(total)), table, state_for(200));
+  w.wait();
+  ref = find_latest_checkpoint(root, nullptr);
+  ASSERT_TRUE(ref.has_value());
+  EXPECT_EQ(ref->step, 200);
+  expect_reads_back(*ref, f200, 0, total);
+  // A failure nobody waits for is reported by the destructor, which does not throw.
+  {
+    AsyncCheckpointWriter lost(root, 0);
+    checkpoint_testing::set_fail_data_writes(true);
+    lost.save(400, shards_of(f200, bounds3(total)), table, state_for(400));
+    EXPECT_TRUE(lost.pending());
+  }  // the destructor joins the failing thread and prints its error
+  checkpoint_testing::set_fail_data_writes(false);
+  EXPECT_FALSE(fs::exists(fs::path(root) / "step-00000400"));
 }
 
 }  // namespace

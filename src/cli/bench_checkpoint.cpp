@@ -353,6 +353,7 @@ int run_bench_checkpoint(int argc, char** argv) {
        "also time AsyncCheckpointWriter (time the caller is blocked vs until the files are durable)");
   po::variables_map vm;
   parse_command_line(argc, argv, desc, vm);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it comes (the runs are long)
   if (vm.count("help")) {
     std::ostringstream text;
     text << desc;
@@ -473,6 +474,7 @@ int run_bench_checkpoint(int argc, char** argv) {
     std::printf("  checkpoint read (open_checkpoint(kFull) + read_shard): %.3f s (kFull validation %.3f s), %.2f GB/s\n",
                 r.read_full, r.full_verify, gbs(bytes, r.read_full));
 
+    fs::remove_all(root, ec);  // never more than one state's worth of files on the disk
     if (o.async) {
       const int64_t astep = 1000 + rep;
       r.async_total = time_s([&] {
