@@ -14,36 +14,16 @@
 #include "io/safetensors.hpp"
 #include "src/model/hf_adapter.hpp"
 #include "src/model/llama_cpu.hpp"
-#include "tests/test_paths.hpp"
+#include "tests/golden_fixture.hpp"
 
 namespace fs = std::filesystem;
 using namespace longtune;
 
 namespace {
 
-fs::path golden_dir() { return longtune::test::fixture_dir() / "golden"; }
-
-PackedBatch load_batch(const fs::path& path) {
-  std::ifstream in(path);
-  const auto j = nlohmann::json::parse(in);
-  PackedBatch b;
-  b.rows = j.at("rows").get<int64_t>();
-  b.seq_len = j.at("seq_len").get<int64_t>();
-  b.tokens = j.at("tokens").get<std::vector<int32_t>>();
-  b.targets = j.at("targets").get<std::vector<int32_t>>();
-  b.positions = j.at("positions").get<std::vector<int32_t>>();
-  b.cu_seqlens = j.at("cu_seqlens").get<std::vector<int32_t>>();
-  return b;
-}
-
-std::vector<double> read_f64(const SafetensorsFile& f, const std::string& name) {
-  const TensorInfo* t = f.find(name);
-  if (!t) throw std::runtime_error("reference lacks " + name);
-  EXPECT_EQ(t->dtype, DType::F64) << name;
-  std::vector<double> v(size_t(t->numel()));
-  f.read_raw(*t, v.data());
-  return v;
-}
+using longtune::test::golden_dir;
+using longtune::test::load_batch;
+using longtune::test::read_f64;
 
 // ||a - b|| / ||b|| in double.
 double rel_error(const float* a, const std::vector<double>& b) {

@@ -36,7 +36,7 @@
 #include "src/optim/adamw.hpp"
 #include "src/optim/kokkos_scope.hpp"
 #include "src/train/train_step.hpp"
-#include "tests/test_paths.hpp"
+#include "tests/golden_fixture.hpp"
 
 namespace fs = std::filesystem;
 using namespace longtune;
@@ -54,29 +54,9 @@ constexpr double kTol = 1e-5;  // loss, grad norm, exported parameters, logits (
 // lr / eps (why the fixtures use eps 1e-6, see tests/golden/README.md).
 constexpr double kUpdateTol = 1e-3;
 
-fs::path golden_dir() { return longtune::test::fixture_dir() / "golden"; }
-
-PackedBatch load_batch(const fs::path& path) {
-  std::ifstream in(path);
-  const auto j = nlohmann::json::parse(in);
-  PackedBatch b;
-  b.rows = j.at("rows").get<int64_t>();
-  b.seq_len = j.at("seq_len").get<int64_t>();
-  b.tokens = j.at("tokens").get<std::vector<int32_t>>();
-  b.targets = j.at("targets").get<std::vector<int32_t>>();
-  b.positions = j.at("positions").get<std::vector<int32_t>>();
-  b.cu_seqlens = j.at("cu_seqlens").get<std::vector<int32_t>>();
-  return b;
-}
-
-std::vector<double> read_f64(const SafetensorsFile& f, const std::string& name) {
-  const TensorInfo* t = f.find(name);
-  if (!t) throw std::runtime_error(f.path() + " lacks " + name);
-  EXPECT_EQ(t->dtype, DType::F64) << name;
-  std::vector<double> v(size_t(t->numel()));
-  f.read_raw(*t, v.data());
-  return v;
-}
+using longtune::test::golden_dir;
+using longtune::test::load_batch;
+using longtune::test::read_f64;
 
 double rel(double a, double b) { return std::abs(a - b) / std::abs(b); }
 

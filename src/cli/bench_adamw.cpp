@@ -362,13 +362,7 @@ int run_bench_adamw(int argc, char** argv) {
       ("variants", po::value(&o.variants)->default_value(true),
        "also time the other store kinds and the update without the compute copy");
   po::variables_map vm;
-  parse_command_line(argc, argv, desc, vm);
-  if (vm.count("help")) {
-    std::ostringstream text;
-    text << desc;
-    std::printf("%s\n", text.str().c_str());
-    return 0;
-  }
+  if (!parse_command_line(argc, argv, desc, vm)) return 0;  // --help
   o.params = parse_count(params_text);
   o.placement = parse_numa_placement(numa_text);
   if (o.steps < 1) throw ConfigError("--steps: expected an integer >= 1, got " + std::to_string(o.steps));

@@ -352,14 +352,8 @@ int run_bench_checkpoint(int argc, char** argv) {
       ("async", po::value(&o.async)->default_value(o.async),
        "also time AsyncCheckpointWriter (time the caller is blocked vs until the files are durable)");
   po::variables_map vm;
-  parse_command_line(argc, argv, desc, vm);
+  if (!parse_command_line(argc, argv, desc, vm)) return 0;  // --help
   std::setvbuf(stdout, nullptr, _IOLBF, 0);  // each line as it comes (the runs are long)
-  if (vm.count("help")) {
-    std::ostringstream text;
-    text << desc;
-    std::printf("%s\n", text.str().c_str());
-    return 0;
-  }
   if (!(o.gib > 0 && o.gib <= 4096)) throw ConfigError("--gib: expected a size in (0, 4096], got " + std::to_string(o.gib));
   if (o.ranks < 1 || o.ranks > 4096) throw ConfigError("--ranks: expected 1..4096, got " + std::to_string(o.ranks));
   if (o.repeat < 1) throw ConfigError("--repeat: expected an integer >= 1, got " + std::to_string(o.repeat));

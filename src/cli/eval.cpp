@@ -40,13 +40,7 @@ int run_eval(int argc, char** argv) {
       ("builtin-docs", po::value(&builtin_docs)->default_value(64), "documents of the built-in task")
       ("seed", po::value(&seed)->default_value(1234), "seed of the built-in model and task");
   po::variables_map vm;
-  parse_command_line(argc, argv, desc, vm);
-  if (vm.count("help")) {
-    std::ostringstream text;
-    text << desc;
-    std::printf("%s\n", text.str().c_str());
-    return 0;
-  }
+  if (!parse_command_line(argc, argv, desc, vm)) return 0;  // --help
   if (seq_len < 2) throw ConfigError("--seq-len: expected an integer >= 2, got " + std::to_string(seq_len));
   if (micro_batch < 1) throw ConfigError("--micro-batch: expected an integer >= 1, got " + std::to_string(micro_batch));
   if (model_dir.empty() != data_path.empty() && data_path.empty())

@@ -49,13 +49,7 @@ int run_export(int argc, char** argv) {
       ("dtype", po::value(&dtype_name)->default_value("bf16"), "bf16, fp16 or fp32")
       ("max-shard-mib", po::value(&shard_mib)->default_value(5120), "largest safetensors shard");
   po::variables_map vm;
-  parse_command_line(argc, argv, desc, vm);
-  if (vm.count("help")) {
-    std::ostringstream text;
-    text << desc;
-    std::printf("%s\n", text.str().c_str());
-    return 0;
-  }
+  if (!parse_command_line(argc, argv, desc, vm)) return 0;  // --help
   if (out.empty()) throw ConfigError("--out: expected an output directory, got none");
   if (run_dir.empty() && checkpoint.empty()) throw ConfigError("--run-dir: expected a run directory or --checkpoint");
   DType dtype;

@@ -1,6 +1,8 @@
 #include "src/cli/options.hpp"
 
 #include <algorithm>
+#include <cstdio>
+#include <sstream>
 
 #include "src/common/error.hpp"
 
@@ -32,7 +34,7 @@ std::string closest_option(const std::string& name, const po::options_descriptio
   return best;
 }
 
-void parse_command_line(int argc, char** argv, const po::options_description& desc, po::variables_map& vm) {
+bool parse_command_line(int argc, char** argv, const po::options_description& desc, po::variables_map& vm) {
   try {
     po::store(po::command_line_parser(argc, argv).options(desc).run(), vm);
     po::notify(vm);
@@ -42,6 +44,13 @@ void parse_command_line(int argc, char** argv, const po::options_description& de
   } catch (const po::error& e) {
     throw ConfigError(e.what());
   }
+  if (vm.count("help")) {
+    std::ostringstream text;
+    text << desc;
+    std::printf("%s\n", text.str().c_str());
+    return false;
+  }
+  return true;
 }
 
 }  // namespace longtune::cli

@@ -76,7 +76,7 @@ po::options_description make_description(TrainConfig* c) {
 
 // Reads an INI file into "--name=value" arguments for the flat description, so values from the
 // file go through exactly the same parsing and checks as the command line.
-std::vector<std::string> config_file_arguments(const std::string& path, const po::options_description& flat) {
+std::vector<std::string> config_file_arguments(const std::string& path) {
   std::ifstream in(path);
   if (!in) throw ConfigError(path + ": config: expected a readable INI file, got cannot open it");
   po::options_description file_desc;
@@ -98,7 +98,6 @@ std::vector<std::string> config_file_arguments(const std::string& path, const po
                         cli::closest_option(opt.string_key, all) + "?)");
     }
     const std::string name = opt.string_key.substr(opt.string_key.find('.') + 1);
-    (void)flat;
     for (const auto& v : opt.value) args.push_back("--" + name + "=" + v);
   }
   return args;
@@ -120,16 +119,11 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   TrainConfig c;
   po::options_description desc = make_description(&c);
   po::variables_map vm;
-  cli::parse_command_line(argc, argv, desc, vm);  // the command line is stored first: it wins
-  if (vm.count("help")) {
-    std::ostringstream text;
-    text << desc;
-    std::printf("%s\n", text.str().c_str());
-    return false;
-  }
+  // The command line is stored first, so it wins over the file.
+  if (!cli::parse_command_line(argc, argv, desc, vm)) return false;  // --help
   if (vm.count("config")) {
     const std::string path = vm["config"].as<std::string>();
-    std::vector<std::string> args = config_file_arguments(path, desc);
+    std::vector<std::string> args = config_file_arguments(path);
     std::vector<char*> file_argv{argv[0]};
     for (auto& a : args) file_argv.push_back(a.data());
     try {
