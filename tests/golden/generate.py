@@ -147,6 +147,34 @@ CASES = [
         docs=[(n, None) for n in [5, 1, 20, 12, 2, 17, 9, 14, 3, 19, 7, 1, 18]],
         rows=[[("doc", d, 0, n) for d, n in enumerate([5, 1, 20, 12, 2, 17, 9, 14, 3, 19, 7, 1, 18])]],
     ),
+    dict(
+        name="gqa_hd64_gpu",
+        description=(
+            "The GPU engine's shape class: GQA (2 query heads, 1 KV head) with head_dim 64 (what the CUDA "
+            "attention supports), hidden 128, llama3 RoPE (theta 500000, factor 8, original 64), untied, bf16 "
+            "weights; 2 rows of 96: six documents incl. one of length 1, a loss-mask prompt, 5 padding tokens."
+        ),
+        seed=5005,
+        config=dict(
+            vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=64, rms_norm_eps=1e-5,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+            },
+        ),
+        store_dtype=torch.bfloat16,
+        max_shard_size=None,
+        legacy_config=False,
+        embed_std=1.0,
+        seq_len=96,
+        docs=[(70, [(0, 12)]), (1, None), (25, None), (40, None), (33, None), (18, None)],
+        rows=[
+            [("doc", 0, 0, 70), ("doc", 1, 0, 1), ("doc", 2, 0, 25)],
+            [("doc", 3, 0, 40), ("doc", 4, 0, 33), ("doc", 5, 0, 18), ("pad", 5)],
+        ],
+    ),
 ]
 
 

@@ -45,6 +45,7 @@ CLIP = {
     "gqa_untied": 1.75,
     "mha_tied": 3.0,
     "mqa_llama3": 1.8,
+    "gqa_hd64_gpu": 1.6,
 }
 
 
