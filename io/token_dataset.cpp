@@ -267,4 +267,139 @@ void write_token_dataset(const std::string& path, const TokenDataset& ds) {
   guard.armed = false;
 }
 
+// ---- TokenDatasetWriter ------------------------------------------------------------------------
+
+namespace {
+// Elements per HDF5 chunk and per buffered write.
+constexpr hsize_t kWriteChunk = hsize_t(1) << 18;
+constexpr size_t kFlushElements = size_t(1) << 18;
+
+// An extendible 1-D chunked dataset and the number of elements written to it.
+struct Extendible {
+  H5Id ds;
+  hsize_t size = 0;
+  hid_t mem_type = -1;
+  const char* name = "";
+
+  void create(const H5& h5, hid_t file, const char* n, hid_t file_type, hid_t mtype) {
+    name = n;
+    mem_type = mtype;
+    const hsize_t zero = 0, unlimited = H5S_UNLIMITED;
+    H5Id space = h5.id(H5Screate_simple(1, &zero, &unlimited), H5Sclose, "H5Screate_simple", name);
+    H5Id dcpl = h5.id(H5Pcreate(H5P_DATASET_CREATE), H5Pclose, "H5Pcreate", name);
+    h5.check(H5Pset_chunk(dcpl.get(), 1, &kWriteChunk), "H5Pset_chunk", name);
+    ds = h5.id(H5Dcreate2(file, name, file_type, space.get(), H5P_DEFAULT, dcpl.get(), H5P_DEFAULT), H5Dclose,
+               "H5Dcreate2", name);
+  }
+  void write(const H5& h5, const void* data, size_t n) {
+    if (n == 0) return;
+    const hsize_t start = size, count = n, new_size = size + n;
+    h5.check(H5Dset_extent(ds.get(), &new_size), "H5Dset_extent", name);
+    H5Id fspace = h5.id(H5Dget_space(ds.get()), H5Sclose, "H5Dget_space", name);
+    h5.check(H5Sselect_hyperslab(fspace.get(), H5S_SELECT_SET, &start, nullptr, &count, nullptr),
+             "H5Sselect_hyperslab", name);
+    H5Id mspace = h5.id(H5Screate_simple(1, &count, nullptr), H5Sclose, "H5Screate_simple", name);
+    h5.check(H5Dwrite(ds.get(), mem_type, mspace.get(), fspace.get(), H5P_DEFAULT, data), "H5Dwrite", name);
+    size = new_size;
+  }
+};
+}  // namespace
+
+struct TokenDatasetWriter::Impl {
+  std::string path, tmp;
+  H5 h5;
+  int64_t vocab = 0, bos = -1, eos = -1;
+  bool with_mask = false, committed = false;
+  H5Id file;
+  Extendible tokens, mask, offsets;
+  std::vector<int32_t> tok_buf;
+  std::vector<uint8_t> mask_buf;
+  std::vector<int64_t> off_buf;
+  int64_t n_tokens = 0, n_docs = 0;
+
+  void flush() {
+    tokens.write(h5, tok_buf.data(), tok_buf.size());
+    if (with_mask) mask.write(h5, mask_buf.data(), mask_buf.size());
+    offsets.write(h5, off_buf.data(), off_buf.size());
+    tok_buf.clear();
+    mask_buf.clear();
+    off_buf.clear();
+  }
+};
+
+TokenDatasetWriter::TokenDatasetWriter(const std::string& path, int64_t vocab_size, int64_t bos_id, int64_t eos_id,
+                                       bool with_mask)
+    : impl_(std::make_unique<Impl>()) {
+  check_attrs(path, vocab_size, bos_id, eos_id, 0);
+  quiet_hdf5(path);
+  Impl& w = *impl_;
+  w.path = path;
+  w.tmp = temp_path_for(path);
+  w.h5 = H5{w.tmp};
+  w.vocab = vocab_size;
+  w.bos = bos_id;
+  w.eos = eos_id;
+  w.with_mask = with_mask;
+  w.file = w.h5.id(H5Fcreate(w.tmp.c_str(), H5F_ACC_EXCL, H5P_DEFAULT, H5P_DEFAULT), H5Fclose, "H5Fcreate", "");
+  w.tokens.create(w.h5, w.file.get(), "/tokens", H5T_STD_I32LE, H5T_NATIVE_INT32);
+  w.offsets.create(w.h5, w.file.get(), "/doc_offsets", H5T_STD_I64LE, H5T_NATIVE_INT64);
+  if (with_mask) w.mask.create(w.h5, w.file.get(), "/loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8);
+  w.off_buf.push_back(0);
+}
+
+TokenDatasetWriter::~TokenDatasetWriter() {
+  if (impl_ && !impl_->committed) {
+    impl_->tokens.ds = H5Id();
+    impl_->mask.ds = H5Id();
+    impl_->offsets.ds = H5Id();
+    impl_->file = H5Id();
+    ::unlink(impl_->tmp.c_str());
+  }
+}
+
+void TokenDatasetWriter::append(std::span<const int32_t> tokens, std::span<const uint8_t> mask) {
+  Impl& w = *impl_;
+  LT_CHECK(!w.committed, "append after commit");
+  LT_CHECK(!w.with_mask || mask.size() == tokens.size(), "loss mask length differs from the tokens'");
+  for (const int32_t t : tokens) LT_CHECK(t >= 0 && t < w.vocab, "token id " + std::to_string(t) + " out of range");
+  for (const uint8_t m : mask) LT_CHECK(m <= 1, "loss mask value " + std::to_string(m));
+  w.tok_buf.insert(w.tok_buf.end(), tokens.begin(), tokens.end());
+  if (w.with_mask) w.mask_buf.insert(w.mask_buf.end(), mask.begin(), mask.end());
+  w.n_tokens += int64_t(tokens.size());
+  if (w.tok_buf.size() >= kFlushElements) w.flush();
+}
+
+void TokenDatasetWriter::end_document() {
+  Impl& w = *impl_;
+  LT_CHECK(!w.committed, "end_document after commit");
+  w.off_buf.push_back(w.n_tokens);
+  ++w.n_docs;
+  if (w.off_buf.size() >= kFlushElements) w.flush();
+}
+
+int64_t TokenDatasetWriter::num_documents() const { return impl_->n_docs; }
+int64_t TokenDatasetWriter::num_tokens() const { return impl_->n_tokens; }
+
+void TokenDatasetWriter::commit() {
+  Impl& w = *impl_;
+  LT_CHECK(!w.committed, "commit twice");
+  check_tokens_nonempty(w.path, w.n_tokens);
+  LT_CHECK(w.off_buf.empty() || w.off_buf.back() == w.n_tokens, "commit inside a document: call end_document()");
+  w.flush();
+  {
+    H5Id root = w.h5.id(H5Gopen2(w.file.get(), "/", H5P_DEFAULT), H5Gclose, "H5Gopen2", "/");
+    write_attr(w.h5, root.get(), "vocab_size", w.vocab);
+    if (w.bos >= 0) write_attr(w.h5, root.get(), "bos_id", w.bos);
+    if (w.eos >= 0) write_attr(w.h5, root.get(), "eos_id", w.eos);
+    w.h5.check(root.close(), "H5Gclose", "/");
+  }
+  w.h5.check(w.tokens.ds.close(), "H5Dclose", "/tokens");
+  w.h5.check(w.offsets.ds.close(), "H5Dclose", "/doc_offsets");
+  if (w.with_mask) w.h5.check(w.mask.ds.close(), "H5Dclose", "/loss_mask");
+  w.h5.check(w.file.close(), "H5Fclose", "");
+  fsync_path(w.tmp);
+  rename_durable(w.tmp, w.path);
+  w.committed = true;
+}
+
 }  // namespace longtune

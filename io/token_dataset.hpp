@@ -3,6 +3,8 @@
 // optional bos_id, eos_id.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -27,5 +29,38 @@ struct TokenDataset {
 TokenDataset load_token_dataset(const std::string& path, int64_t model_vocab_size = 0);
 // Writes a dataset (atomically: temporary name then rename). Validates it first.
 void write_token_dataset(const std::string& path, const TokenDataset& ds);
+
+// Writes a dataset document by document with bounded memory: /tokens, /loss_mask and
+// /doc_offsets are chunked, extendible datasets filled from buffers of a few MB. Everything goes
+// to a temporary file next to `path`; commit() writes the attributes and renames it over `path`
+// (so readers never see a partial file), and destroying an uncommitted writer removes it.
+class TokenDatasetWriter {
+ public:
+  // bos_id / eos_id: -1 for none. with_mask: write /loss_mask (append() then needs masks).
+  TokenDatasetWriter(const std::string& path, int64_t vocab_size, int64_t bos_id, int64_t eos_id, bool with_mask);
+  TokenDatasetWriter(const TokenDatasetWriter&) = delete;
+  TokenDatasetWriter& operator=(const TokenDatasetWriter&) = delete;
+  ~TokenDatasetWriter();
+
+  // Appends tokens (and their mask: same length, values 0/1) to the current document. Token ids
+  // outside [0, vocab_size) are an InternalError: the producer is wrong, not the user's file.
+  void append(std::span<const int32_t> tokens, std::span<const uint8_t> mask = {});
+  // Closes the current document (an empty one is allowed, as in the format).
+  void end_document();
+  void add_document(std::span<const int32_t> tokens, std::span<const uint8_t> mask = {}) {
+    append(tokens, mask);
+    end_document();
+  }
+  int64_t num_documents() const;
+  int64_t num_tokens() const;
+  // Flushes, writes the attributes, closes, fsyncs and renames the file to `path`. A dataset
+  // without tokens or documents is an InputError (the format needs at least one of each).
+  void commit();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace longtune

@@ -14,10 +14,11 @@ constexpr const char* kUsage =
     "usage: longtune <command> [options]\n"
     "\n"
     "commands:\n"
+    "  prepare  JSONL chat / text files -> an HDF5 token dataset (tokenize, chat format, loss mask)\n"
     "  train    full-parameter training; with no options, the built-in tiny model and task\n"
     "  eval     mean loss and perplexity of a model over a dataset (CPU)\n"
     "  export   a checkpoint as a Hugging Face model directory\n"
-    "  bench    benchmarks: `longtune bench adamw`, `longtune bench checkpoint`\n"
+    "  bench    benchmarks: `longtune bench adamw|checkpoint|train`\n"
     "  help     this text\n"
     "\n"
     "`longtune <command> --help` lists a command's options.\n";
@@ -35,11 +36,17 @@ int main(int argc, char** argv) {
     if (command == "train") return longtune::cli::run_train(argc - 1, argv + 1);
     if (command == "eval") return longtune::cli::run_eval(argc - 1, argv + 1);
     if (command == "export") return longtune::cli::run_export(argc - 1, argv + 1);
+    if (command == "prepare") return longtune::cli::run_prepare(argc - 1, argv + 1);
     if (command == "bench") {
       if (argc >= 3 && std::strcmp(argv[2], "adamw") == 0) return longtune::cli::run_bench_adamw(argc - 2, argv + 2);
       if (argc >= 3 && std::strcmp(argv[2], "checkpoint") == 0)
         return longtune::cli::run_bench_checkpoint(argc - 2, argv + 2);
-      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint\n");
+#if LONGTUNE_HAVE_CUDA
+      if (argc >= 3 && std::strcmp(argv[2], "train") == 0) return longtune::cli::run_bench_train(argc - 2, argv + 2);
+      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint, train\n");
+#else
+      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint (train needs a CUDA build)\n");
+#endif
       return 2;
     }
     std::fprintf(stderr, "longtune: unknown command '%s'\n%s", command.c_str(), kUsage);

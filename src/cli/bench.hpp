@@ -14,4 +14,8 @@ int run_bench_adamw(int argc, char** argv);
 // with the page cache dropped before every read. argv[0] is "checkpoint", options follow.
 int run_bench_checkpoint(int argc, char** argv);
 
+// longtune bench train (CUDA builds): single-GPU training-step throughput, MFU and peak memory on
+// a Llama shape with random weights, the experiment of bench/anchor_torch.py. src/gpu/bench_train.cpp.
+int run_bench_train(int argc, char** argv);
+
 }  // namespace longtune::cli

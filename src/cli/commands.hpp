@@ -10,5 +10,7 @@ int run_eval(int argc, char** argv);
 int run_train(int argc, char** argv);
 // longtune export: a checkpoint as a Hugging Face model directory.
 int run_export(int argc, char** argv);
+// longtune prepare: JSONL chat / text files -> an HDF5 token dataset.
+int run_prepare(int argc, char** argv);
 
 }  // namespace longtune::cli

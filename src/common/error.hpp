@@ -43,6 +43,12 @@ class NcclError : public SystemError { public: using SystemError::SystemError; }
 class MpiError : public SystemError { public: using SystemError::SystemError; };
 class NumaError : public SystemError { public: using SystemError::SystemError; };
 
+// Training diverged numerically (non-finite loss or gradient where no loss scaler can recover).
+class NumericalError : public Error {
+ public:
+  using Error::Error;
+};
+
 // Internal invariant broken (a bug, not bad input).
 class InternalError : public Error {
  public:

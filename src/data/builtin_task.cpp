@@ -34,6 +34,16 @@ LlamaConfig builtin_model_config() {
   return c;
 }
 
+LlamaConfig builtin_model_config_gpu() {
+  LlamaConfig c = builtin_model_config();
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.head_dim = 64;
+  return c;
+}
+
 void builtin_init_weights(const LlamaConfig& cfg, const ParamTable& table, uint64_t seed, float* flat) {
   (void)cfg;  // the table already carries every shape
   LT_CHECK(flat != nullptr, "builtin_init_weights: null buffer");

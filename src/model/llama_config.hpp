@@ -38,6 +38,10 @@ struct LlamaConfig {
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
 };
 
+// Model FLOPs per trained token, as the brief counts them for MFU: 6 x matmul parameters (lm_head
+// included, embedding lookup excluded) + 6 x layers x seq_len x hidden (causal attention, fwd+bwd).
+double model_flops_per_token(const LlamaConfig& cfg, int64_t seq_len);
+
 // RoPE inverse frequencies (HD/2 of them), computed exactly as transformers does it: in fp32,
 // with llama3 scaling applied when configured.
 std::vector<float> rope_inv_freq(const LlamaConfig& cfg);

@@ -364,21 +364,39 @@ float AdamW::clip_coefficient(double total_norm) const {
   return coef < 1.0f ? coef : 1.0f;
 }
 
+AdamWStepScalars adamw_step_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef) {
+  LT_CHECK(step >= 1, "AdamW: optimizer steps count from 1");
+  const double bc1 = 1.0 - std::pow(cfg.beta1, double(step));
+  const double bc2 = 1.0 - std::pow(cfg.beta2, double(step));
+  AdamWStepScalars s;
+  s.lr = float(lr);
+  s.beta1 = float(cfg.beta1);
+  s.beta2 = float(cfg.beta2);
+  s.eps = float(cfg.eps);
+  s.weight_decay = float(cfg.weight_decay);
+  s.one_minus_beta1 = float(1.0 - cfg.beta1);
+  s.one_minus_beta2 = float(1.0 - cfg.beta2);
+  s.lr_times_wd = float(lr * cfg.weight_decay);
+  s.step_size = float(lr / bc1);
+  s.sqrt_bc2 = float(std::sqrt(bc2));
+  s.grad_coef = grad_coef;
+  s.decay_factor = cfg.weight_decay != 0.0 ? float(1.0 - lr * cfg.weight_decay) : 1.0f;
+  return s;
+}
+
 void AdamW::update(const AdamWBuffers& b, int64_t step, double lr, float grad_coef) const {
   check_buffers(b);
-  LT_CHECK(step >= 1, "AdamW: optimizer steps count from 1");
-  const double bc1 = 1.0 - std::pow(cfg_.beta1, double(step));
-  const double bc2 = 1.0 - std::pow(cfg_.beta2, double(step));
+  const AdamWStepScalars s = adamw_step_scalars(cfg_, step, lr, grad_coef);
   StepCoef c;
   c.wdf = 1.0f;
-  c.w1 = float(1.0 - cfg_.beta1);
-  c.b2 = float(cfg_.beta2);
-  c.omb2 = float(1.0 - cfg_.beta2);
-  c.bc2s = float(std::sqrt(bc2));
-  c.eps = float(cfg_.eps);
-  c.neg_step = float(-(lr / bc1));
-  c.gcoef = grad_coef;
-  const float wdf_decay = cfg_.weight_decay != 0.0 ? float(1.0 - lr * cfg_.weight_decay) : 1.0f;
+  c.w1 = s.one_minus_beta1;
+  c.b2 = s.beta2;
+  c.omb2 = s.one_minus_beta2;
+  c.bc2s = s.sqrt_bc2;
+  c.eps = s.eps;
+  c.neg_step = -s.step_size;  // float(-x) == -float(x): round to nearest is symmetric
+  c.gcoef = s.grad_coef;
+  const float wdf_decay = s.decay_factor;
   const SpanFn fn = kernels_for(simd_).span[out_kind(b)][int(streaming_)];
   if (serial_) run_update<HostSerial>(blocks_, b, length_, c, wdf_decay, fn);
   else run_update<HostExec>(blocks_, b, length_, c, wdf_decay, fn);

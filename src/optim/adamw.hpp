@@ -69,6 +69,21 @@ struct AdamWBuffers {
   DType compute_dtype = DType::BF16;  // BF16 or F16
 };
 
+// The fp32 scalars of one update (optimizer step `step` >= 1, learning rate `lr`), each rounded
+// once from double exactly as AdamW::update forms them. The GPU update (kernels/cuda/adamw.cuh,
+// AdamWScalars: same field names) is filled from this, so both give bit-identical results.
+struct AdamWStepScalars {
+  float lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  float one_minus_beta1 = 0;  // 1 - beta1
+  float one_minus_beta2 = 0;  // 1 - beta2
+  float lr_times_wd = 0;      // lr * weight_decay
+  float step_size = 0;        // lr / (1 - beta1^step); the update adds (-step_size * m) / denom
+  float sqrt_bc2 = 0;         // sqrt(1 - beta2^step)
+  float grad_coef = 1;        // multiplies g on the fly (clip coefficient, 1 / loss scale)
+  float decay_factor = 1;     // 1 - lr * weight_decay (1 when weight_decay == 0), decay ranges only
+};
+AdamWStepScalars adamw_step_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef = 1.0f);
+
 struct AdamWStepInfo {
   double grad_norm = 0.0;  // global norm before clipping (for logging)
   float clip_coef = 1.0f;  // coefficient applied to the gradient

@@ -31,13 +31,14 @@ const std::map<std::string, std::string>& option_sections() {
       {"steps", "train"},           {"run-dir", "train"},         {"checkpoint-every", "train"},
       {"keep-last", "train"},       {"resume", "train"},          {"eval-every", "train"},
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
+      {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
   };
   return sections;
 }
 
 po::options_description make_description(TrainConfig* c) {
   po::options_description desc(
-      "longtune train: full-parameter fine-tuning (CPU engine in this version).\n"
+      "longtune train: full-parameter fine-tuning on the CPU or one GPU per rank.\n"
       "With no --model-dir / --data it trains the built-in tiny model on the built-in retrieval task.\n"
       "A config file (INI: [model] [data] [optim] [train] sections, keys as below) may hold any\n"
       "option; the command line overrides it.\n\nOptions");
@@ -70,7 +71,10 @@ po::options_description make_description(TrainConfig* c) {
       ("eval-every", po::value(&c->eval_every), "[train] held-out evaluation every N steps (0: at the end only, -1: never)")
       ("log-every", po::value(&c->log_every), "[train] progress line every N steps")
       ("stop-after", po::value(&c->stop_after), "[train] stop this invocation after N steps, with a checkpoint (time-sliced jobs)")
-      ("threads", po::value(&c->threads), "[train] host threads (0: OMP_NUM_THREADS or all cores)");
+      ("threads", po::value(&c->threads), "[train] host threads (0: OMP_NUM_THREADS or all cores)")
+      ("device", po::value(&c->device), "[gpu] cpu or cuda (one GPU per rank; default cpu)")
+      ("dtype", po::value(&c->dtype), "[gpu] GPU compute dtype: bf16 or fp16 (fp16: dynamic loss scaling, for V100)")
+      ("recompute", po::value(&c->recompute), "[gpu] activations: none (keep all), layer (keep each layer's input and recompute), auto (none when it fits)");
   return desc;
 }
 
@@ -186,6 +190,10 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   require(c.threads >= 0, "threads", "an integer >= 0", std::to_string(c.threads));
   require(!c.run_dir.empty(), "run-dir", "a directory path", "an empty string");
   require(!c.resume.empty(), "resume", "auto, none or a checkpoint path", "an empty string");
+  require(c.device == "cpu" || c.device == "cuda", "device", "cpu or cuda", "'" + c.device + "'");
+  require(c.dtype == "bf16" || c.dtype == "fp16", "dtype", "bf16 or fp16", "'" + c.dtype + "'");
+  require(c.recompute == "auto" || c.recompute == "none" || c.recompute == "layer", "recompute",
+          "auto, none or layer", "'" + c.recompute + "'");
   *out = c;
   return true;
 }
@@ -211,6 +219,8 @@ std::string to_ini(const TrainConfig& c) {
   s << "steps = " << c.steps << "\nrun-dir = " << c.run_dir << "\ncheckpoint-every = " << c.checkpoint_every
     << "\nkeep-last = " << c.keep_last << "\nresume = " << c.resume << "\neval-every = " << c.eval_every
     << "\nlog-every = " << c.log_every << "\nthreads = " << c.threads << "\n";
+  s << "\n[gpu]\n";
+  s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();
 }

@@ -38,6 +38,10 @@ struct TrainConfig {
   int64_t log_every = 1;
   int64_t stop_after = 0;         // end this invocation after N steps, with a checkpoint (0: run to `steps`)
   int threads = 0;                // host threads for Kokkos/OpenMP (0: OMP_NUM_THREADS or all)
+  // [gpu]
+  std::string device = "cpu";     // cpu | cuda (one GPU per rank)
+  std::string dtype = "bf16";     // compute dtype on the GPU: bf16 | fp16 (fp16: dynamic loss scaling)
+  std::string recompute = "auto"; // activations: none (keep all) | layer (keep layer inputs) | auto (none if it fits)
 
   bool builtin_model() const { return model_dir.empty(); }
   bool builtin_data() const { return data.empty(); }

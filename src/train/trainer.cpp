@@ -20,6 +20,7 @@
 #include "src/data/packer.hpp"
 #include "src/model/hf_adapter.hpp"
 #include "src/optim/kokkos_scope.hpp"
+#include "src/train/device_engine.hpp"
 #include "src/train/evaluate.hpp"
 #include "src/train/sharded_state.hpp"
 
@@ -68,6 +69,7 @@ struct Trainer::Impl {
   TokenDataset train_data, eval_data;
   std::unique_ptr<ShardedTrainState> state;
   std::unique_ptr<LlamaCpu> model;
+  std::unique_ptr<DeviceEngine> device;  // --device cuda: the state's working copy lives there
   ScheduleConfig schedule;
   fs::path run_dir, ckpt_dir, metrics_path;
   int64_t start_step = 0, tokens_seen = 0, epoch = 0;
@@ -77,17 +79,23 @@ struct Trainer::Impl {
   Impl(TrainConfig c, Comm& cm) : cfg(std::move(c)), comm(cm), root(cm.rank() == 0), kokkos(cfg.threads) { setup(); }
   std::string broadcast_string(std::string s);
   void setup();
-  bool try_resume();
+  bool try_resume(double* loss_scale);
   void save_checkpoint(int64_t step);
   void evaluate(int64_t step, std::ofstream& metrics);
   void report_host_memory();
   void run();
+  // Model FLOP utilization at `tokens_per_s` (GPU runs; the brief's FLOP count at seq_len).
+  double mfu(double tokens_per_s) const {
+    return device ? tokens_per_s * model_flops_per_token(model_cfg, cfg.seq_len) / device->peak_flops() : 0.0;
+  }
+  std::string mfu_json(double tokens_per_s) const { return device ? std::to_string(mfu(tokens_per_s)) : "null"; }
+  std::string vram_json() const { return device ? std::to_string(device->peak_memory_gib()) : "null"; }
 };
 
 void Trainer::Impl::setup() {
   // ---- model ----
   if (cfg.builtin_model()) {
-    model_cfg = builtin_model_config();
+    model_cfg = cfg.device == "cuda" ? builtin_model_config_gpu() : builtin_model_config();
   } else {
     model_cfg = load_hf_model_config(cfg.model_dir);
   }
@@ -153,7 +161,18 @@ void Trainer::Impl::setup() {
   std::ostringstream id;
   id << std::hex << std::chrono::system_clock::now().time_since_epoch().count();
   run_id = broadcast_string(id.str());
-  if (!try_resume() && root) {
+  double resumed_loss_scale = 0.0;
+  const bool resumed = try_resume(&resumed_loss_scale);
+  if (cfg.device == "cuda") {
+    if (comm.size() != 1)
+      throw ConfigError("--device cuda: expected one rank (multi-GPU runs need the NCCL backend), got " +
+                        std::to_string(comm.size()) + " ranks");
+    // Refuses a run that cannot fit, with the memory plan, before any step.
+    device = make_device_engine(cfg, model_cfg, *table);
+    device->upload_state(state->master(), state->exp_avg(), state->exp_avg_sq());
+    if (resumed && resumed_loss_scale > 0.0) device->set_loss_scale(resumed_loss_scale);
+  }
+  if (!resumed && root) {
     write_file_atomic((run_dir / "config.ini").string(), to_ini(cfg));
     write_file_atomic((run_dir / "model_config.json").string(), hf_config_to_json(model_cfg));
   }
@@ -168,7 +187,7 @@ std::string Trainer::Impl::broadcast_string(std::string s) {
   return s;
 }
 
-bool Trainer::Impl::try_resume() {
+bool Trainer::Impl::try_resume(double* loss_scale) {
   // Rank 0 picks the checkpoint (validating every file), the others open the same one; each
   // rank then reads its own range, whatever world size wrote it (resharding).
   std::string chosen;
@@ -193,6 +212,7 @@ bool Trainer::Impl::try_resume() {
   std::fill_n(state->exp_avg_sq(), state->shard_len(), 0.0f);
   if (len > 0) read_shard(*ref, begin, len, state->master(), state->exp_avg(), state->exp_avg_sq());
   start_step = ts.step;
+  *loss_scale = ts.loss_scale;
   tokens_seen = ts.tokens_seen;
   epoch = ts.epoch;
   cursor = PackerCursor{ts.cursor_order_index, ts.cursor_offset_in_doc};
@@ -214,7 +234,8 @@ void Trainer::Impl::save_checkpoint(int64_t step) {
   ts.cursor_offset_in_doc = cursor.offset_in_doc;
   ts.data_seed = cfg.seed;
   ts.rng_state = "order=document_order(seed + epoch)";
-  ts.loss_scale = 1.0;
+  ts.loss_scale = device ? device->loss_scale() : 1.0;
+  if (device) device->download_state(state->master(), state->exp_avg(), state->exp_avg_sq());
   ts.resolved_config = to_ini(cfg);
   ts.run_id = run_id;
   // Shards are saved clipped to the table's length: the padding that makes them equal is not data,
@@ -239,10 +260,23 @@ void Trainer::Impl::save_checkpoint(int64_t step) {
 void Trainer::Impl::evaluate(int64_t step, std::ofstream& metrics) {
   if (eval_data.num_documents() <= 0 || cfg.eval_every < 0) return;
   const auto t0 = std::chrono::steady_clock::now();
-  // CPU engine: every rank gathers the full weights and evaluates; rank 0 reports.
-  const std::vector<float> full = state->gather_full();
+  EvalResult r;
+  std::vector<float> full;
+  if (device) {
+    // GPU: the loss on the device; the built-in task's accuracy check reads the host weights.
+    r = evaluate_dataset([&](const PackedBatch& b) { return device->evaluate(b); }, eval_data, cfg.seq_len,
+                         cfg.micro_batch);
+    if (cfg.builtin_data()) {
+      device->download_state(state->master(), nullptr, nullptr);
+      full = state->gather_full();
+    }
+  } else {
+    // CPU engine: every rank gathers the full weights and evaluates; rank 0 reports.
+    full = state->gather_full();
+    if (!root) return;
+    r = evaluate_dataset(*model, full.data(), eval_data, cfg.seq_len, cfg.micro_batch);
+  }
   if (!root) return;
-  const EvalResult r = evaluate_dataset(*model, full.data(), eval_data, cfg.seq_len, cfg.micro_batch);
   std::string extra_text, extra_json;
   if (cfg.builtin_data()) {
     const RetrievalAccuracy acc = builtin_retrieval_accuracy(*model, full.data(), eval_data, cfg.seq_len);
@@ -270,6 +304,7 @@ void Trainer::Impl::run() {
   if (root) std::printf("[train] data: %s | %lld documents, %lld tokens | seq_len %lld x micro-batch %lld x accum %lld\n",
               train_data.path.c_str(), (long long)train_data.num_documents(), (long long)train_data.num_tokens(),
               (long long)cfg.seq_len, (long long)cfg.micro_batch, (long long)cfg.grad_accum);
+  if (root && device) std::printf("[train] %s\n", device->describe().c_str());
   if (root)
     std::printf("[train] %d rank%s (%s) | host state per rank: %s | %d threads | run dir %s\n", comm.size(),
                 comm.size() == 1 ? "" : "s", comm.backend().c_str(), state->arena().describe().c_str(),
@@ -295,8 +330,17 @@ void Trainer::Impl::run() {
     epoch = stream.cursor().epoch;
     cursor = stream.cursor().packer;
     const double lr = scheduled_lr(schedule, step);
-    const ShardedStepResult r =
-        sharded_train_step(*model, *state, batch.micro_batches, batch.global_targets, step, lr);
+    ShardedStepResult r;
+    if (device) {
+      const DeviceStepResult d = device->train_step(batch.micro_batches, batch.global_targets, step, lr);
+      r.loss = d.loss;
+      r.optim = d.optim;
+      r.skipped = d.skipped;
+      if (batch.global_targets > 0)
+        for (const PackedBatch& mb : batch.micro_batches) r.tokens += mb.num_tokens();
+    } else {
+      r = sharded_train_step(*model, *state, batch.micro_batches, batch.global_targets, step, lr);
+    }
     tokens_seen += r.tokens;
     const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     window_tokens += double(r.tokens);
@@ -307,14 +351,24 @@ void Trainer::Impl::run() {
             << ",\"grad_norm\":" << r.optim.grad_norm << ",\"clip_coef\":" << r.optim.clip_coef
             << ",\"targets\":" << r.loss.count << ",\"tokens\":" << r.tokens << ",\"tokens_seen\":" << tokens_seen
             << ",\"step_seconds\":" << secs << ",\"tokens_per_s\":" << double(r.tokens) / secs
-            << ",\"mfu\":null,\"peak_rss_mib\":" << peak_rss_mib() << ",\"eta_s\":" << eta
+            << ",\"mfu\":" << mfu_json(double(r.tokens) / secs) << ",\"peak_vram_gib\":" << vram_json()
+            << ",\"peak_rss_mib\":" << peak_rss_mib() << ",\"eta_s\":" << eta
             << ",\"skipped\":" << (r.skipped ? "true" : "false") << "}\n";
     if (root) metrics.flush();
     if (root && (step % cfg.log_every == 0 || step == cfg.steps || step == start_step + 1)) {
-      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | peak RSS %.0f MiB | ETA %s%s\n",
+      std::string gpu_part;
+      if (device) {
+        char buf[96];
+        std::snprintf(buf, sizeof buf, " | MFU %.1f%% | peak VRAM %.1f GiB",
+                      100.0 * mfu(window_tokens / window_secs), device->peak_memory_gib());
+        gpu_part = buf;
+      }
+      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | peak RSS %.0f MiB | ETA %s%s\n",
                   (long long)step, (long long)cfg.steps, r.loss.mean(), lr, r.optim.grad_norm,
-                  window_tokens / window_secs, peak_rss_mib(), format_duration(eta).c_str(),
-                  r.skipped ? " | skipped: no counted targets" : "");
+                  window_tokens / window_secs, gpu_part.c_str(), peak_rss_mib(), format_duration(eta).c_str(),
+                  r.skipped ? (device && batch.global_targets > 0 ? " | skipped: fp16 overflow, loss scale halved"
+                                                                  : " | skipped: no counted targets")
+                            : "");
       std::fflush(stdout);
       window_tokens = window_secs = 0;
     }

@@ -1,91 +1,128 @@
-// RMSNorm CUDA kernels against the CPU reference on fresh random inputs.
-#include <cuda_bf16.h>
+// RMSNorm CUDA kernels (plain and fused with the residual add) against the CPU reference on fresh
+// random inputs rounded to the storage type, for f32, bf16 and f16.
+#include <string>
+#include <vector>
 
 #include "kernels/cpu/rmsnorm.hpp"
 #include "kernels/cuda/rmsnorm.cuh"
-#include "src/common/dtype.hpp"
 #include "tests/cuda/gpu_test_util.hpp"
 
 using namespace longtune;
-using longtune::test::DeviceBuffer;
-using longtune::test::random_vector;
-using longtune::test::rel_error;
+using namespace longtune::test;
 
 namespace {
 
-struct Shape { int64_t T, C; };
-const Shape kShapes[] = {{1, 64}, {7, 1000}, {129, 2048}, {300, 4096}};
+struct Shape {
+  int64_t T, C;
+};
+const Shape kShapes[] = {{1, 64}, {7, 1001}, {129, 2048}, {300, 3072}, {1030, 4096}, {2500, 2048}};
+constexpr float kEps = 1e-5f;
 
-std::vector<float> round_bf16(const std::vector<float>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_to_float(float_to_bf16(v[i]));
-  return r;
-}
-std::vector<__nv_bfloat16> to_bf16(const std::vector<float>& v) {
-  std::vector<__nv_bfloat16> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    __nv_bfloat16_raw raw;
-    raw.x = float_to_bf16(v[i]);
-    r[i] = raw;
-  }
-  return r;
-}
-std::vector<float> from_bf16(const std::vector<__nv_bfloat16>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) {
-    r[i] = bf16_to_float(static_cast<__nv_bfloat16_raw>(v[i]).x);
-  }
-  return r;
-}
+template <typename T>
+class CudaRmsnorm : public ::testing::Test {};
+using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
+TYPED_TEST_SUITE(CudaRmsnorm, StorageTypes, DtypeName);
+
+std::string trace(const Shape& s) { return "T=" + std::to_string(s.T) + " C=" + std::to_string(s.C); }
 
 }  // namespace
 
-TEST(CudaRmsnorm, Fp32MatchesCpuReference) {
+TYPED_TEST(CudaRmsnorm, MatchesCpuReference) {
+  using T = TypeParam;
   SKIP_WITHOUT_GPU();
+  const double tol = dtype_tolerance<T>();
   std::mt19937 rng(11);
   for (const Shape s : kShapes) {
-    SCOPED_TRACE("T=" + std::to_string(s.T) + " C=" + std::to_string(s.C));
-    const size_t n = size_t(s.T * s.C);
-    const auto x = random_vector(n, rng, 0.3f, 2.0f), w = random_vector(size_t(s.C), rng, 1.0f, 0.2f);
-    const auto dy = random_vector(n, rng);
-    std::vector<float> out(n), rstd(size_t(s.T)), dx(n), dw(size_t(s.C), 0.5f);
-    cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), s.T, s.C, 1e-5f);
+    SCOPED_TRACE(trace(s));
+    const size_t n = size_t(s.T * s.C), C = size_t(s.C);
+    const auto x = round_to_dtype<T>(random_vector(n, rng, 0.3f, 2.0f));
+    const auto dy = round_to_dtype<T>(random_vector(n, rng));
+    const auto w = round_to_dtype<T>(random_vector(C, rng, 1.0f, 0.2f));
+    const auto dw0 = random_vector(C, rng);  // dweight accumulates
+    std::vector<float> out(n), rstd(size_t(s.T)), dx(n), dw(dw0);
+    cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), s.T, s.C, kEps);
     cpu::rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), s.T, s.C);
 
-    DeviceBuffer<float> d_x(x), d_w(w), d_dy(dy), d_out(n), d_rstd(size_t(s.T)), d_dx(n);
-    DeviceBuffer<float> d_dw(std::vector<float>(size_t(s.C), 0.5f));  // += semantics
-    cuda::rmsnorm_forward(d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), s.T, s.C, 1e-5f, nullptr);
+    DeviceBuffer<T> d_x(to_device_dtype<T>(x)), d_w(to_device_dtype<T>(w)), d_dy(to_device_dtype<T>(dy)), d_out(n), d_dx(n);
+    DeviceBuffer<float> d_rstd(size_t(s.T)), d_dw(dw0);
+    poison_nan(d_out.get(), n);
+    poison_nan(d_rstd.get(), size_t(s.T));
+    poison_nan(d_dx.get(), n);
+    cuda::rmsnorm_forward(d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), s.T, s.C, kEps, nullptr);
     cuda::rmsnorm_backward(d_dx.get(), d_dw.get(), d_dy.get(), d_x.get(), d_w.get(), d_rstd.get(), s.T, s.C, nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_LT(rel_error(d_out.download(), out), 1e-6);
-    EXPECT_LT(rel_error(d_rstd.download(), rstd), 1e-6);
-    EXPECT_LT(rel_error(d_dx.download(), dx), 1e-5);
-    EXPECT_LT(rel_error(d_dw.download(), dw), 1e-5);
+    const auto g_out = d_out.download();
+    const auto g_rstd = d_rstd.download();
+    const auto g_dx = d_dx.download();
+    const auto g_dw = d_dw.download();
+    EXPECT_LT(rel_error(from_device_dtype(g_out), out), tol);
+    EXPECT_LT(rel_error(g_rstd, rstd), 2e-6);
+    EXPECT_LT(rel_error(from_device_dtype(g_dx), dx), tol);
+    EXPECT_LT(rel_error(g_dw, dw), 1e-5);
+
+    // Determinism: the same inputs give the same bits.
+    d_dw.upload(dw0);
+    poison_nan(d_out.get(), n);
+    poison_nan(d_dx.get(), n);
+    cuda::rmsnorm_forward(d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), s.T, s.C, kEps, nullptr);
+    cuda::rmsnorm_backward(d_dx.get(), d_dw.get(), d_dy.get(), d_x.get(), d_w.get(), d_rstd.get(), s.T, s.C, nullptr);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_TRUE(bit_equal(d_out.download(), g_out));
+    EXPECT_TRUE(bit_equal(d_rstd.download(), g_rstd));
+    EXPECT_TRUE(bit_equal(d_dx.download(), g_dx));
+    EXPECT_TRUE(bit_equal(d_dw.download(), g_dw));
   }
 }
 
-TEST(CudaRmsnorm, Bf16MatchesCpuReferenceOnRoundedInputs) {
+// residual = inp + branch (rounded to T), out = rmsnorm(residual); backward adds the residual
+// path's gradient. Odd shapes run in place (residual over inp, dinp over dresidual).
+TYPED_TEST(CudaRmsnorm, ResidualFusedMatchesCpuReference) {
+  using T = TypeParam;
   SKIP_WITHOUT_GPU();
+  const double tol = dtype_tolerance<T>();
   std::mt19937 rng(12);
+  int k = 0;
   for (const Shape s : kShapes) {
-    SCOPED_TRACE("T=" + std::to_string(s.T) + " C=" + std::to_string(s.C));
-    const size_t n = size_t(s.T * s.C);
-    const auto x = round_bf16(random_vector(n, rng, 0.3f, 2.0f));
-    const auto dy = round_bf16(random_vector(n, rng));
-    const auto w = random_vector(size_t(s.C), rng, 1.0f, 0.2f);
-    std::vector<float> out(n), rstd(size_t(s.T)), dx(n), dw(size_t(s.C), 0.0f);
-    cpu::rmsnorm_forward(out.data(), rstd.data(), x.data(), w.data(), s.T, s.C, 1e-5f);
-    cpu::rmsnorm_backward(dx.data(), dw.data(), dy.data(), x.data(), w.data(), rstd.data(), s.T, s.C);
+    SCOPED_TRACE(trace(s));
+    const bool in_place = (k++ % 2) == 1;
+    const size_t n = size_t(s.T * s.C), C = size_t(s.C);
+    const auto inp = round_to_dtype<T>(random_vector(n, rng, 0.1f, 1.5f));
+    const auto branch = round_to_dtype<T>(random_vector(n, rng, 0.0f, 0.7f));
+    const auto dout = round_to_dtype<T>(random_vector(n, rng));
+    const auto dres = round_to_dtype<T>(random_vector(n, rng, 0.0f, 0.5f));
+    const auto w = round_to_dtype<T>(random_vector(C, rng, 1.0f, 0.2f));
+    const auto dw0 = random_vector(C, rng);
+    std::vector<float> sum(n);
+    for (size_t i = 0; i < n; ++i) sum[i] = inp[i] + branch[i];
+    const auto residual = round_to_dtype<T>(sum);
+    std::vector<float> out(n), rstd(size_t(s.T)), dx(n), dw(dw0);
+    cpu::rmsnorm_forward(out.data(), rstd.data(), residual.data(), w.data(), s.T, s.C, kEps);
+    cpu::rmsnorm_backward(dx.data(), dw.data(), dout.data(), residual.data(), w.data(), rstd.data(), s.T, s.C);
+    for (size_t i = 0; i < n; ++i) dx[i] += dres[i];
 
-    DeviceBuffer<__nv_bfloat16> d_x(to_bf16(x)), d_dy(to_bf16(dy)), d_out(n), d_dx(n);
-    DeviceBuffer<float> d_w(w), d_rstd(size_t(s.T)), d_dw(std::vector<float>(size_t(s.C), 0.0f));
-    cuda::rmsnorm_forward(d_out.get(), d_rstd.get(), d_x.get(), d_w.get(), s.T, s.C, 1e-5f, nullptr);
-    cuda::rmsnorm_backward(d_dx.get(), d_dw.get(), d_dy.get(), d_x.get(), d_w.get(), d_rstd.get(), s.T, s.C, nullptr);
+    DeviceBuffer<T> d_inp(to_device_dtype<T>(inp)), d_branch(to_device_dtype<T>(branch)), d_w(to_device_dtype<T>(w));
+    DeviceBuffer<T> d_res_sep(n), d_out(n), d_dout(to_device_dtype<T>(dout)), d_dres(to_device_dtype<T>(dres)), d_dx_sep(n);
+    DeviceBuffer<float> d_rstd(size_t(s.T)), d_dw(dw0);
+    T* d_res = in_place ? d_inp.get() : d_res_sep.get();
+    T* d_dx = in_place ? d_dres.get() : d_dx_sep.get();
+    if (!in_place) {
+      poison_nan(d_res_sep.get(), n);
+      poison_nan(d_dx_sep.get(), n);
+    }
+    poison_nan(d_out.get(), n);
+    poison_nan(d_rstd.get(), size_t(s.T));
+    cuda::residual_rmsnorm_forward(d_res, d_out.get(), d_rstd.get(), d_inp.get(), d_branch.get(), d_w.get(), s.T, s.C, kEps,
+                                   nullptr);
+    cuda::residual_rmsnorm_backward(d_dx, d_dw.get(), d_dout.get(), d_dres.get(), d_res, d_w.get(), d_rstd.get(), s.T, s.C,
+                                    nullptr);
     CUDA_CHECK(cudaDeviceSynchronize());
-    // bf16 output rounding is 2^-8 relative per element.
-    EXPECT_LT(rel_error(from_bf16(d_out.download()), out), 5e-3);
-    EXPECT_LT(rel_error(d_rstd.download(), rstd), 1e-6);
-    EXPECT_LT(rel_error(from_bf16(d_dx.download()), dx), 5e-3);
+    std::vector<T> g_res(n), g_dx(n);
+    CUDA_CHECK(cudaMemcpy(g_res.data(), d_res, n * sizeof(T), cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(g_dx.data(), d_dx, n * sizeof(T), cudaMemcpyDeviceToHost));
+    EXPECT_TRUE(bit_equal(g_res, to_device_dtype<T>(residual)));  // one fp32 add, one rounding
+    EXPECT_LT(rel_error(from_device_dtype(d_out.download()), out), tol);
+    EXPECT_LT(rel_error(d_rstd.download(), rstd), 2e-6);
+    EXPECT_LT(rel_error(from_device_dtype(g_dx), dx), tol);
     EXPECT_LT(rel_error(d_dw.download(), dw), 1e-5);
   }
 }

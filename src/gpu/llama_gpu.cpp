@@ -1,0 +1,415 @@
+#include "src/gpu/llama_gpu.hpp"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/adamw.cuh"
+#include "kernels/cuda/attention.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "kernels/cuda/embedding.cuh"
+#include "kernels/cuda/linear_cross_entropy.cuh"
+#include "kernels/cuda/matmul.cuh"
+#include "kernels/cuda/rmsnorm.cuh"
+#include "kernels/cuda/rope.cuh"
+#include "kernels/cuda/swiglu.cuh"
+#include "src/common/error.hpp"
+
+namespace longtune::gpu {
+
+namespace {
+
+// Sizes of one model and micro-batch capacity, named once.
+struct Dims {
+  int64_t T, C, F, L, NH, NKV, HD, QD, KVD, QKVD, V;
+  Dims(const LlamaConfig& c, int64_t max_tokens)
+      : T(max_tokens), C(c.hidden_size), F(c.intermediate_size), L(c.num_hidden_layers),
+        NH(c.num_attention_heads), NKV(c.num_key_value_heads), HD(c.head_dim), QD(c.q_dim()), KVD(c.kv_dim()),
+        QKVD(c.q_dim() + 2 * c.kv_dim()), V(c.vocab_size) {}
+};
+
+int64_t loss_chunk_tokens(const Dims& d, const GpuModelOptions& opt) {
+  if (opt.loss_chunk > 0) return std::min(opt.loss_chunk, d.T);
+  // About 1.5 GiB of fp32 logits + storage-type dlogits, in multiples of 128 tokens.
+  const int64_t per_token = 6 * d.V;
+  int64_t chunk = (int64_t(3) << 29) / std::max<int64_t>(per_token, 1);
+  chunk = std::max<int64_t>(128, chunk / 128 * 128);
+  return std::min(chunk, d.T);
+}
+
+// What one decoder layer keeps for its backward (one set per layer with Recompute::kNone, one
+// shared set with kLayer, refilled by the recomputation).
+template <typename scalar_t>
+struct LayerActs {
+  scalar_t* qkv = nullptr;    // (T, QKVD) q|k|v after RoPE
+  scalar_t* att = nullptr;    // (T, QD) attention output
+  float* lse = nullptr;       // (T, NH)
+  scalar_t* resid2 = nullptr; // (T, C) residual stream after attention
+  float* rstd2 = nullptr;     // (T)
+  scalar_t* gu = nullptr;     // (T, 2F) gate|up
+};
+
+// Walks the buffer layout: with a null arena it only counts bytes (the plan), with an arena it
+// carves. Both passes take the same pieces in the same order.
+class Carver {
+ public:
+  explicit Carver(DeviceArena* arena) : arena_(arena) {}
+  template <typename T>
+  T* take(int64_t n) {
+    const size_t bytes = align_up(size_t(std::max<int64_t>(n, 1)) * sizeof(T));
+    bytes_ += bytes;
+    return arena_ ? static_cast<T*>(arena_->take(bytes)) : nullptr;
+  }
+  void* take_bytes(size_t bytes) {
+    bytes = align_up(std::max<size_t>(bytes, 1));
+    bytes_ += bytes;
+    return arena_ ? arena_->take(bytes) : nullptr;
+  }
+  size_t bytes() const { return bytes_; }
+
+ private:
+  DeviceArena* arena_;
+  size_t bytes_ = 0;
+};
+
+}  // namespace
+
+struct LlamaGpu::Impl {
+  virtual ~Impl() = default;
+  virtual LossSum run(const void* weights, float* grads, const PackedBatch& batch, double grad_scale,
+                      bool backward) = 0;
+};
+
+namespace {
+
+template <typename scalar_t>
+class LlamaGpuImpl final : public LlamaGpu::Impl {
+ public:
+  LlamaGpuImpl(const LlamaConfig& cfg, const ParamTable& table, const GpuModelOptions& opt, DeviceArena* arena,
+               cudaStream_t stream)
+      : cfg_(cfg), table_(table), opt_(opt), d_(cfg, opt.max_tokens), stream_(stream) {
+    Carver c(arena);
+    carve(c);
+    bytes_ = c.bytes();
+    if (arena) {
+      blas_ = std::make_unique<cuda::Blas>();
+      const std::vector<float> inv_freq = rope_inv_freq(cfg_);
+      CUDA_CHECK(cudaMemcpyAsync(inv_freq_, inv_freq.data(), inv_freq.size() * sizeof(float),
+                                 cudaMemcpyHostToDevice, stream_));
+      staging_ = std::make_unique<PinnedBuffer>(size_t(4 * d_.T + 1) * sizeof(int32_t));
+      loss_host_ = std::make_unique<PinnedBuffer>(sizeof(double));
+      check_fusion();
+    }
+  }
+
+  size_t bytes() const { return bytes_; }
+
+  LossSum run(const void* weights_v, float* grads, const PackedBatch& b, double grad_scale, bool backward) override {
+    const int64_t T = b.num_tokens();
+    LT_CHECK(T > 0 && T <= d_.T, "micro-batch of " + std::to_string(T) + " tokens exceeds the planned " +
+                                     std::to_string(d_.T));
+    const auto* W = static_cast<const scalar_t*>(weights_v);
+    upload_batch(b);
+    LossSum loss;
+    loss.count = b.num_targets();
+    forward_layers(W, T, backward);
+    // lm_head + cross-entropy over the final norm's output; in training its backward runs in the
+    // same pass, so the logits never exist beyond one chunk.
+    const scalar_t* w_head = W + table_.at(table_.lm_head()).offset;
+    if (backward) {
+      cuda::linear_cross_entropy_forward_backward<scalar_t>(
+          losses_, dln_, grads + table_.at(table_.lm_head()).offset, ln_a_, w_head, targets_, float(grad_scale), T,
+          d_.C, d_.V, ce_scratch_, ce_scratch_bytes_, *blas_, stream_);
+    } else {
+      cuda::linear_cross_entropy_forward<scalar_t>(losses_, ln_a_, w_head, targets_, T, d_.C, d_.V, ce_scratch_,
+                                                   ce_scratch_bytes_, *blas_, stream_);
+    }
+    cuda::sum_deterministic(loss_sum_, losses_, T, reduce_scratch_, stream_);
+    auto* host_sum = static_cast<double*>(loss_host_->get());
+    CUDA_CHECK(cudaMemcpyAsync(host_sum, loss_sum_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+    if (backward) backward_layers(W, grads, T);
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+    loss.sum = *host_sum;
+    return loss;
+  }
+
+ private:
+  // ---- layout -------------------------------------------------------------------------------
+  void carve(Carver& c) {
+    const Dims& d = d_;
+    const bool keep_all = opt_.recompute == Recompute::kNone;
+    resid_.resize(size_t(d.L + 1));
+    for (auto& r : resid_) r = c.template take<scalar_t>(d.T * d.C);
+    acts_.resize(keep_all ? size_t(d.L) : 1);
+    for (auto& a : acts_) {
+      a.qkv = c.template take<scalar_t>(d.T * d.QKVD);
+      a.att = c.template take<scalar_t>(d.T * d.QD);
+      a.lse = c.template take<float>(d.T * d.NH);
+      a.resid2 = c.template take<scalar_t>(d.T * d.C);
+      a.rstd2 = c.template take<float>(d.T);
+      a.gu = c.template take<scalar_t>(d.T * 2 * d.F);
+    }
+    ln_a_ = c.template take<scalar_t>(d.T * d.C);
+    ln_b_ = c.template take<scalar_t>(d.T * d.C);
+    rstd_a_ = c.template take<float>(d.T);
+    rstd_b_ = c.template take<float>(d.T);
+    branch_ = c.template take<scalar_t>(d.T * d.C);
+    hid_ = c.template take<scalar_t>(d.T * d.F);
+    // Backward.
+    d_stream_ = c.template take<scalar_t>(d.T * d.C);
+    d_resid2_ = c.template take<scalar_t>(d.T * d.C);
+    dln_ = c.template take<scalar_t>(d.T * d.C);
+    dhid_ = c.template take<scalar_t>(d.T * d.F);
+    dgu_ = c.template take<scalar_t>(d.T * 2 * d.F);
+    datt_ = c.template take<scalar_t>(d.T * d.QD);
+    dqkv_ = c.template take<scalar_t>(d.T * d.QKVD);
+    // Batch, loss, scratch.
+    tokens_ = c.template take<int32_t>(d.T);
+    targets_ = c.template take<int32_t>(d.T);
+    positions_ = c.template take<int32_t>(d.T);
+    cu_seqlens_ = c.template take<int32_t>(d.T + 1);
+    inv_freq_ = c.template take<float>(d.HD / 2);
+    losses_ = c.template take<float>(d.T);
+    loss_sum_ = c.template take<double>(1);
+    reduce_scratch_ = c.take_bytes(cuda::adamw_reduce_scratch_bytes(d.T));
+    embed_scratch_ = c.take_bytes(cuda::embedding_backward_scratch_bytes(d.T));
+    cuda::AttentionOptions ao = attention_options(d.T);
+    attn_workspace_ = c.take_bytes(cuda::attention_backward_workspace_bytes(d.T, d.NH, d.NKV, d.HD, ao));
+    ce_scratch_bytes_ = cuda::linear_cross_entropy_scratch_bytes(loss_chunk_tokens(d, opt_), d.V);
+    ce_scratch_ = c.take_bytes(ce_scratch_bytes_);
+  }
+
+  cuda::AttentionOptions attention_options(int64_t max_seqlen) const {
+    cuda::AttentionOptions o;
+    o.max_seqlen = max_seqlen;
+    o.ld_q = o.ld_k = o.ld_v = d_.QKVD;
+    o.kernel = opt_.attention_kernel;
+    o.nondeterministic_dq = opt_.nondeterministic_attention;
+    return o;
+  }
+
+  // q|k|v and gate|up run as one GEMM each when their weights are adjacent in the table.
+  void check_fusion() {
+    for (int64_t l = 0; l < d_.L; ++l) {
+      const LayerParamIndex& ix = table_.layer(l);
+      fused_qkv_ = fused_qkv_ && table_.at(ix.k_proj).offset == table_.at(ix.q_proj).offset + d_.QD * d_.C &&
+                   table_.at(ix.v_proj).offset == table_.at(ix.k_proj).offset + d_.KVD * d_.C;
+      fused_gu_ = fused_gu_ && table_.at(ix.up_proj).offset == table_.at(ix.gate_proj).offset + d_.F * d_.C;
+    }
+  }
+
+  void upload_batch(const PackedBatch& b) {
+    const int64_t T = b.num_tokens(), S = b.num_segments();
+    // One pinned staging copy, one upload per array (the arrays are small next to the step).
+    auto* h = static_cast<int32_t*>(staging_->get());
+    std::copy(b.tokens.begin(), b.tokens.end(), h);
+    std::copy(b.targets.begin(), b.targets.end(), h + T);
+    std::copy(b.positions.begin(), b.positions.end(), h + 2 * T);
+    std::copy(b.cu_seqlens.begin(), b.cu_seqlens.end(), h + 3 * T);
+    CUDA_CHECK(cudaMemcpyAsync(tokens_, h, size_t(T) * 4, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(targets_, h + T, size_t(T) * 4, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(positions_, h + 2 * T, size_t(T) * 4, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(cu_seqlens_, h + 3 * T, size_t(S + 1) * 4, cudaMemcpyHostToDevice, stream_));
+    num_segments_ = S;
+    max_seqlen_ = 0;
+    for (int64_t s = 0; s < S; ++s)
+      max_seqlen_ = std::max<int64_t>(max_seqlen_, b.cu_seqlens[size_t(s + 1)] - b.cu_seqlens[size_t(s)]);
+  }
+
+  const scalar_t* w(const scalar_t* W, size_t entry) const { return W + table_.at(entry).offset; }
+  float* g(float* G, size_t entry) const { return G + table_.at(entry).offset; }
+
+  // ---- forward --------------------------------------------------------------------------------
+  // One layer's attention and MLP from ln1 = rmsnorm(resid[l]) (in ln_a_): fills `a` and leaves the
+  // MLP output in branch_. With `mlp_out` false the last projection is skipped (recomputation).
+  void layer_forward(const scalar_t* W, int64_t l, int64_t T, LayerActs<scalar_t>& a, bool mlp_out) {
+    const Dims& d = d_;
+    const LayerParamIndex& ix = table_.layer(l);
+    // q|k|v
+    if (fused_qkv_) {
+      cuda::matmul_forward<scalar_t>(a.qkv, ln_a_, w(W, ix.q_proj), T, d.C, d.QKVD, *blas_, stream_);
+    } else {
+      cuda::MatmulOptions mo;
+      mo.ld_out = d.QKVD;
+      cuda::matmul_forward<scalar_t>(a.qkv, ln_a_, w(W, ix.q_proj), T, d.C, d.QD, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(a.qkv + d.QD, ln_a_, w(W, ix.k_proj), T, d.C, d.KVD, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(a.qkv + d.QD + d.KVD, ln_a_, w(W, ix.v_proj), T, d.C, d.KVD, *blas_, stream_, mo);
+    }
+    cuda::rope_forward<scalar_t>(a.qkv, a.qkv, positions_, inv_freq_, T, d.NH, d.HD, stream_, d.QKVD);
+    cuda::rope_forward<scalar_t>(a.qkv + d.QD, a.qkv + d.QD, positions_, inv_freq_, T, d.NKV, d.HD, stream_, d.QKVD);
+    cuda::attention_forward<scalar_t>(a.att, a.lse, a.qkv, a.qkv + d.QD, a.qkv + d.QD + d.KVD, cu_seqlens_,
+                                      num_segments_, T, d.NH, d.NKV, d.HD, attention_options(max_seqlen_), stream_);
+    cuda::matmul_forward<scalar_t>(branch_, a.att, w(W, ix.o_proj), T, d.QD, d.C, *blas_, stream_);
+    // resid2 = resid + attention branch ; ln_b = rmsnorm(resid2)
+    cuda::residual_rmsnorm_forward<scalar_t>(a.resid2, ln_b_, a.rstd2, resid_[size_t(l)], branch_,
+                                             w(W, ix.post_norm), T, d.C, float(cfg_.rms_norm_eps), stream_);
+    gate_up_forward(W, ix, T, a.gu, ln_b_);
+    if (!mlp_out) return;
+    cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
+    cuda::matmul_forward<scalar_t>(branch_, hid_, w(W, ix.down_proj), T, d.F, d.C, *blas_, stream_);
+  }
+
+  void gate_up_forward(const scalar_t* W, const LayerParamIndex& ix, int64_t T, scalar_t* gu, const scalar_t* inp) {
+    const Dims& d = d_;
+    if (fused_gu_) {
+      cuda::matmul_forward<scalar_t>(gu, inp, w(W, ix.gate_proj), T, d.C, 2 * d.F, *blas_, stream_);
+    } else {
+      cuda::MatmulOptions mo;
+      mo.ld_out = 2 * d.F;
+      cuda::matmul_forward<scalar_t>(gu, inp, w(W, ix.gate_proj), T, d.C, d.F, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(gu + d.F, inp, w(W, ix.up_proj), T, d.C, d.F, *blas_, stream_, mo);
+    }
+  }
+
+  // Embedding, every layer, and the final norm into ln_a_.
+  void forward_layers(const scalar_t* W, int64_t T, bool training) {
+    const Dims& d = d_;
+    const float eps = float(cfg_.rms_norm_eps);
+    cuda::embedding_forward<scalar_t>(resid_[0], tokens_, w(W, table_.embed()), T, d.C, stream_);
+    cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[0], w(W, table_.layer(0).input_norm), T, d.C, eps, stream_);
+    for (int64_t l = 0; l < d.L; ++l) {
+      LayerActs<scalar_t>& a = acts_[training && opt_.recompute == Recompute::kNone ? size_t(l) : 0];
+      layer_forward(W, l, T, a, /*mlp_out=*/true);
+      const scalar_t* next_norm =
+          l + 1 < d.L ? w(W, table_.layer(l + 1).input_norm) : w(W, table_.final_norm());
+      // resid[l+1] = resid2 + MLP branch ; ln_a = rmsnorm(resid[l+1]) (the next layer's input norm,
+      // or the final norm).
+      cuda::residual_rmsnorm_forward<scalar_t>(resid_[size_t(l + 1)], ln_a_, rstd_a_, a.resid2, branch_, next_norm,
+                                               T, d.C, eps, stream_);
+    }
+  }
+
+  // ---- backward -------------------------------------------------------------------------------
+  void backward_layers(const scalar_t* W, float* G, int64_t T) {
+    const Dims& d = d_;
+    const float eps = float(cfg_.rms_norm_eps);
+    // Final norm: dln_ holds d(loss)/d(final norm output) from the fused cross-entropy.
+    cuda::rmsnorm_backward<scalar_t>(d_stream_, g(G, table_.final_norm()), dln_, resid_[size_t(d.L)],
+                                     w(W, table_.final_norm()), rstd_a_, T, d.C, stream_);
+    for (int64_t l = d.L - 1; l >= 0; --l) {
+      const LayerParamIndex& ix = table_.layer(l);
+      LayerActs<scalar_t>& a = acts_[opt_.recompute == Recompute::kNone ? size_t(l) : 0];
+      // ln1 = rmsnorm(resid[l]) is needed by the q|k|v weight gradient (and by the recomputation).
+      cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[size_t(l)], w(W, ix.input_norm), T, d.C, eps, stream_);
+      if (opt_.recompute == Recompute::kLayer) {
+        layer_forward(W, l, T, a, /*mlp_out=*/false);  // leaves ln2 in ln_b_
+      } else {
+        cuda::rmsnorm_forward<scalar_t>(ln_b_, rstd_b_, a.resid2, w(W, ix.post_norm), T, d.C, eps, stream_);
+      }
+      // MLP: d_stream_ is d(loss)/d(resid[l+1]) = d(MLP branch) = d(resid2) through the residual.
+      cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
+      cuda::matmul_backward<scalar_t>(dhid_, g(G, ix.down_proj), d_stream_, hid_, w(W, ix.down_proj), T, d.F, d.C,
+                                      *blas_, stream_);
+      cuda::swiglu_backward<scalar_t>(dgu_, dgu_ + d.F, dhid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
+      if (fused_gu_) {
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.gate_proj), dgu_, ln_b_, w(W, ix.gate_proj), T, d.C, 2 * d.F,
+                                        *blas_, stream_);
+      } else {
+        cuda::MatmulOptions mo;
+        mo.ld_out = 2 * d.F;
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.gate_proj), dgu_, ln_b_, w(W, ix.gate_proj), T, d.C, d.F,
+                                        *blas_, stream_, mo);
+        mo.accumulate_dinp = true;
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.up_proj), dgu_ + d.F, ln_b_, w(W, ix.up_proj), T, d.C, d.F,
+                                        *blas_, stream_, mo);
+      }
+      // resid2 feeds the post-attention norm and the residual path.
+      cuda::residual_rmsnorm_backward<scalar_t>(d_resid2_, g(G, ix.post_norm), dln_, d_stream_, a.resid2,
+                                                w(W, ix.post_norm), a.rstd2, T, d.C, stream_);
+      // Attention.
+      cuda::matmul_backward<scalar_t>(datt_, g(G, ix.o_proj), d_resid2_, a.att, w(W, ix.o_proj), T, d.QD, d.C,
+                                      *blas_, stream_);
+      cuda::attention_backward<scalar_t>(dqkv_, dqkv_ + d.QD, dqkv_ + d.QD + d.KVD, datt_, a.qkv, a.qkv + d.QD,
+                                         a.qkv + d.QD + d.KVD, a.att, a.lse, cu_seqlens_, num_segments_, T, d.NH,
+                                         d.NKV, d.HD, attention_options(max_seqlen_), attn_workspace_, stream_);
+      cuda::rope_backward<scalar_t>(dqkv_, dqkv_, positions_, inv_freq_, T, d.NH, d.HD, stream_, d.QKVD);
+      cuda::rope_backward<scalar_t>(dqkv_ + d.QD, dqkv_ + d.QD, positions_, inv_freq_, T, d.NKV, d.HD, stream_,
+                                    d.QKVD);
+      if (fused_qkv_) {
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.q_proj), dqkv_, ln_a_, w(W, ix.q_proj), T, d.C, d.QKVD, *blas_,
+                                        stream_);
+      } else {
+        cuda::MatmulOptions mo;
+        mo.ld_out = d.QKVD;
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.q_proj), dqkv_, ln_a_, w(W, ix.q_proj), T, d.C, d.QD, *blas_,
+                                        stream_, mo);
+        mo.accumulate_dinp = true;
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.k_proj), dqkv_ + d.QD, ln_a_, w(W, ix.k_proj), T, d.C, d.KVD,
+                                        *blas_, stream_, mo);
+        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.v_proj), dqkv_ + d.QD + d.KVD, ln_a_, w(W, ix.v_proj), T, d.C,
+                                        d.KVD, *blas_, stream_, mo);
+      }
+      // resid[l] feeds the input norm and the residual path: d(resid[l]) into d_stream_.
+      cuda::residual_rmsnorm_backward<scalar_t>(d_stream_, g(G, ix.input_norm), dln_, d_resid2_, resid_[size_t(l)],
+                                                w(W, ix.input_norm), rstd_a_, T, d.C, stream_);
+    }
+    cuda::embedding_backward<scalar_t>(g(G, table_.embed()), d_stream_, tokens_, T, d.C, embed_scratch_, stream_);
+  }
+
+  LlamaConfig cfg_;
+  const ParamTable& table_;
+  GpuModelOptions opt_;
+  Dims d_;
+  cudaStream_t stream_;
+  size_t bytes_ = 0;
+  std::unique_ptr<cuda::Blas> blas_;
+  std::unique_ptr<PinnedBuffer> staging_, loss_host_;
+  bool fused_qkv_ = true, fused_gu_ = true;
+  int64_t num_segments_ = 0, max_seqlen_ = 0;
+
+  std::vector<scalar_t*> resid_;  // (L+1) x (T, C): each layer's input, and the final residual stream
+  std::vector<LayerActs<scalar_t>> acts_;
+  scalar_t *ln_a_ = nullptr, *ln_b_ = nullptr, *branch_ = nullptr, *hid_ = nullptr;
+  float *rstd_a_ = nullptr, *rstd_b_ = nullptr;
+  scalar_t *d_stream_ = nullptr, *d_resid2_ = nullptr, *dln_ = nullptr, *dhid_ = nullptr, *dgu_ = nullptr,
+           *datt_ = nullptr, *dqkv_ = nullptr;
+  int32_t *tokens_ = nullptr, *targets_ = nullptr, *positions_ = nullptr, *cu_seqlens_ = nullptr;
+  float *inv_freq_ = nullptr, *losses_ = nullptr;
+  double* loss_sum_ = nullptr;
+  void *reduce_scratch_ = nullptr, *embed_scratch_ = nullptr, *attn_workspace_ = nullptr, *ce_scratch_ = nullptr;
+  size_t ce_scratch_bytes_ = 0;
+};
+
+template <typename scalar_t>
+size_t plan_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {
+  // A counting pass over the same layout (no arena, no allocation).
+  const ParamTable table(cfg);
+  LlamaGpuImpl<scalar_t> plan(cfg, table, opt, nullptr, nullptr);
+  return plan.bytes();
+}
+
+}  // namespace
+
+size_t LlamaGpu::activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {
+  switch (opt.compute_dtype) {
+    case DType::BF16: return plan_bytes<__nv_bfloat16>(cfg, opt);
+    case DType::F16: return plan_bytes<__half>(cfg, opt);
+    default: throw ConfigError("compute dtype: expected bf16 or fp16, got " + std::string(dtype_name(opt.compute_dtype)));
+  }
+}
+
+LlamaGpu::LlamaGpu(const LlamaConfig& cfg, const ParamTable& table, const GpuModelOptions& opt, DeviceArena& arena,
+                   cudaStream_t stream)
+    : opt_(opt) {
+  LT_CHECK(opt.max_tokens > 0, "LlamaGpu: max_tokens must be set");
+  switch (opt.compute_dtype) {
+    case DType::BF16: impl_ = std::make_unique<LlamaGpuImpl<__nv_bfloat16>>(cfg, table, opt, &arena, stream); break;
+    case DType::F16: impl_ = std::make_unique<LlamaGpuImpl<__half>>(cfg, table, opt, &arena, stream); break;
+    default: throw ConfigError("compute dtype: expected bf16 or fp16, got " + std::string(dtype_name(opt.compute_dtype)));
+  }
+}
+
+LlamaGpu::~LlamaGpu() = default;
+
+LossSum LlamaGpu::forward(const void* weights, const PackedBatch& batch) {
+  return impl_->run(weights, nullptr, batch, 0.0, /*backward=*/false);
+}
+
+LossSum LlamaGpu::forward_backward(const void* weights, float* grads, const PackedBatch& batch, double grad_scale) {
+  return impl_->run(weights, grads, batch, grad_scale, /*backward=*/true);
+}
+
+}  // namespace longtune::gpu

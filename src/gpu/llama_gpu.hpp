@@ -1,0 +1,66 @@
+// The whole Llama model on one GPU: forward and backward over one packed micro-batch, built from
+// the CUDA kernels (kernels/cuda). Twin of src/model/llama_cpu.hpp, which is its oracle.
+//
+// Weights are read from a device buffer in the compute dtype (bf16 or fp16) laid out by ParamTable;
+// gradients are added (+=) in fp32 into a device buffer of the same layout. q/k/v and gate/up run
+// as one fused projection each when the table stores them back to back (it does for every real
+// model shape). Activation memory is planned once for micro-batches of up to max_tokens tokens:
+//   Recompute::kNone   every layer keeps what its backward needs (fastest, most memory);
+//   Recompute::kLayer  only each layer's input is kept; backward recomputes the layer's forward.
+// The model knows nothing of optimizers or parallelism.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+
+#include "kernels/cuda/attention.cuh"
+#include "src/common/dtype.hpp"
+#include "src/data/packed_batch.hpp"
+#include "src/gpu/device_memory.hpp"
+#include "src/model/llama_config.hpp"
+#include "src/model/llama_cpu.hpp"  // LossSum
+#include "src/model/param_table.hpp"
+
+namespace longtune::gpu {
+
+enum class Recompute { kNone, kLayer };
+
+struct GpuModelOptions {
+  DType compute_dtype = DType::BF16;  // BF16 or F16
+  Recompute recompute = Recompute::kLayer;
+  cuda::AttentionKernel attention_kernel = cuda::AttentionKernel::kAuto;
+  bool nondeterministic_attention = false;  // fp32 atomics for dq (faster, not bit-reproducible)
+  int64_t max_tokens = 0;                   // rows * seq_len of the largest micro-batch
+  int64_t loss_chunk = 0;                   // tokens per lm_head + cross-entropy chunk (0: auto, ~1.5 GiB scratch)
+};
+
+class LlamaGpu {
+ public:
+  // Device bytes the model's activations and scratch take for these options (the planner's number).
+  static size_t activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt);
+
+  // Carves its buffers from `arena` (activation_bytes of it). Runs on `stream`.
+  LlamaGpu(const LlamaConfig& cfg, const ParamTable& table, const GpuModelOptions& opt, DeviceArena& arena,
+           cudaStream_t stream);
+  ~LlamaGpu();
+  LlamaGpu(const LlamaGpu&) = delete;
+  LlamaGpu& operator=(const LlamaGpu&) = delete;
+
+  // Loss of one micro-batch (evaluation). weights: compute dtype, ParamTable layout, on the device.
+  LossSum forward(const void* weights, const PackedBatch& batch);
+  // Forward and backward: grads (fp32, ParamTable layout, device) += d(loss_sum * grad_scale)/d params.
+  // grad_scale = loss scale / counted targets of the global batch. Returns after the loss is known
+  // (the gradients may still be in flight on the stream).
+  LossSum forward_backward(const void* weights, float* grads, const PackedBatch& batch, double grad_scale);
+
+  const GpuModelOptions& options() const { return opt_; }
+
+  struct Impl;  // per storage type, in the .cpp
+
+ private:
+  GpuModelOptions opt_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace longtune::gpu

@@ -1,0 +1,50 @@
+// What the trainer needs from an accelerator engine, so trainer.cpp stays free of CUDA: the GPU
+// engine (src/gpu) implements it in CUDA builds; elsewhere make_device_engine() explains that the
+// build has no GPU support. The host ShardedTrainState stays the checkpointed copy of the state:
+// the engine takes it at start (upload) and hands it back before every checkpoint (download).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "src/data/packed_batch.hpp"
+#include "src/model/llama_cpu.hpp"
+#include "src/optim/adamw.hpp"
+#include "src/train/train_config.hpp"
+
+namespace longtune {
+
+class ParamTable;
+
+struct DeviceStepResult {
+  LossSum loss;
+  AdamWStepInfo optim;
+  bool skipped = false;      // fp16 overflow: no update this step
+  double loss_scale = 1.0;
+};
+
+class DeviceEngine {
+ public:
+  virtual ~DeviceEngine() = default;
+  // Full flat host arrays (ParamTable layout).
+  virtual void upload_state(const float* master, const float* exp_avg, const float* exp_avg_sq) = 0;
+  virtual void download_state(float* master, float* exp_avg, float* exp_avg_sq) = 0;
+  virtual DeviceStepResult train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets,
+                                      int64_t step, double lr) = 0;
+  virtual LossSum evaluate(const PackedBatch& batch) = 0;
+  virtual double loss_scale() const = 0;
+  virtual void set_loss_scale(double scale) = 0;
+  // One line for the start of the run: device, dtype, memory plan.
+  virtual std::string describe() const = 0;
+  virtual double peak_memory_gib() const = 0;
+  // Model FLOPs per second at 100% MFU (the device's bf16/fp16 dense peak).
+  virtual double peak_flops() const = 0;
+};
+
+// The engine for cfg.device ("cuda"); throws ConfigError when this build or machine cannot run it,
+// or when the run does not fit (with the memory plan's numbers), before any step.
+std::unique_ptr<DeviceEngine> make_device_engine(const TrainConfig& cfg, const LlamaConfig& model_cfg,
+                                                 const ParamTable& table);
+
+}  // namespace longtune

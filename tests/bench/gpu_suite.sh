@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU machine's suite, in one call (device time is scarce): GPU tests, a GPU training run of
+# the built-in task, then `longtune bench train` beside the PyTorch anchor on the same GPU.
+#   tests/bench/gpu_suite.sh DIR [tests|train|bench|attn ...]
+# DIR holds bin/ and lib/ as env/pack-device.sh gathers them (plus anchor_torch.py / anchor_attn.py
+# for the bench parts). Logs go to $OUT (or /tmp/gpu_suite).
+set -uo pipefail
+dir="$1"; shift
+out="${OUT:-/tmp/gpu_suite}"; mkdir -p "$out"
+export LD_LIBRARY_PATH="$PWD/$dir/lib:${LD_LIBRARY_PATH:-}" LONGTUNE_FIXTURE_DIR="$PWD/tests/fixtures"
+export OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+for part in "$@"; do
+  case "$part" in
+    tests)
+      "$dir/bin/longtune_tests" --gtest_filter='Cuda*:Gpu*' 2>&1 | tee "$out/gpu_tests.log" | grep -E "^\[  (FAILED|PASSED) |OK \]|FAILED|gpu-model|gpu-train" ;;
+    train)
+      rm -rf /tmp/lt-gpu-run
+      "$dir/bin/longtune" train --device cuda --run-dir /tmp/lt-gpu-run 2>&1 | tee "$out/train_builtin.log" | tail -8 ;;
+    bench)
+      for c in "1b 16384" "1b 32768" "3b 8192"; do
+        set -- $c
+        "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan"
+        python3 "$dir/anchor_torch.py" train "$1" "$2" gpu 2>&1 | tee -a "$out/bench_anchor.log" | grep -E "RESULT|Error"
+      done ;;
+    bench1b)
+      "$dir/bin/longtune" bench train --model 1b --seq-len 16384 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
+    attn)
+      ATTN_BENCH_QUICK=1 "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaAttentionBench*' 2>&1 | tee "$out/attn_bench.log" | tail -12
+      python3 "$dir/anchor_attn.py" 2>&1 | tee "$out/attn_anchor.log" | tail -8 ;;
+  esac
+done
