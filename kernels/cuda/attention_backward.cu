@@ -1,11 +1,11 @@
 // Attention backward, FlashAttention-2 algorithm on mma.sync tensor cores (see attention.cuh).
 //
 //   1. preprocess: D = rowsum(dout * out), fp32 (T, NH), in the workspace.
-//   2. dK/dV kernel: one CTA per (KV tile of BN = 16 * NW keys, KV head, segment); each warp owns
-//      16 keys. The CTA loops over every query head of its group and every query tile at or below
-//      the diagonal (cp.async double buffer of Q, dO, lse, D), recomputing P^T from lse:
-//        S^T = K Q^T, P^T = exp2(S^T * scale*log2e - lse*log2e), dV += P^T dO,
-//        dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q.
+//   2. dK/dV kernel: one CTA per (KV tile of BN = 16 * NW keys, KV head, segment); warps work in
+//      pairs, each pair owning 32 keys. The CTA loops over every query head of its group and every
+//      query tile at or below the diagonal (cp.async double buffer of Q, dO, lse, D), recomputing P^T:
+//        warp 0 of a pair: S^T = K Q^T, P^T = exp2(S^T * scale*log2e - lse*log2e), dV += P^T dO;
+//        warp 1: dP^T = V dO^T, dS^T = P^T (dP^T - D) (P^T from warp 0 via shared memory), dK += dS^T Q.
 //      dK and dV stay in registers and are written once: no atomics, deterministic.
 //   3. dQ, deterministic (default): a separate kernel per (query tile, head, segment) walks the KV
 //      tiles and recomputes S, P, dP, dS; dQ += dS K in registers.
@@ -15,6 +15,11 @@
 #include <cmath>
 
 #include "kernels/cuda/attention_common.cuh"
+
+// Atomic dQ with 16-byte (float4) atomics on sm_90 instead of 8-byte ones.
+#ifndef LT_ATTN_DQ_V4
+#define LT_ATTN_DQ_V4 0
+#endif
 
 namespace longtune::cuda {
 
@@ -41,21 +46,55 @@ __global__ void attn_bwd_preprocess_kernel(float* D, const T* dout, const T* out
 
 // ---- 2. dK, dV (and atomic dQ) ----------------------------------------------------------------
 
-template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
+__device__ __forceinline__ void named_bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(int* ptr, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t v);
+template <>
+__device__ __forceinline__ float2 unpack2<__nv_bfloat16>(uint32_t v) {
+  return __bfloat1622float2(*reinterpret_cast<__nv_bfloat162*>(&v));
+}
+template <>
+__device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
+  return __half22float2(*reinterpret_cast<__half2*>(&v));
+}
+
+// Warps come in pairs; a pair owns 32 keys (two 16-row blocks, so every Q / dO fragment read from
+// shared memory feeds 32 rows). Warp 0 of a pair: S^T = K Q^T, P^T, dV += P^T dO. Warp 1: dP^T = V dO^T,
+// dS^T = P^T (dP^T - D) with P^T (16-bit, in fragment order) from warp 0 through shared memory,
+// dK += dS^T Q. Each warp keeps one 32 x HD accumulator in registers.
+// kDq: 0 = no dQ (separate dQ kernel), 1 = fp32 atomics in any order, 2 = fp32 atomics in key-tile
+// order (a per (query tile, head) counter: key tile j adds after j - 1; deterministic).
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, int kDq>
 struct DkdvCfg {
-  static constexpr int BN = 16 * NW, NT = 32 * NW, LDS = HD + 8, LDSS = BMQ + 8;
+  static constexpr bool kAtomicDq = kDq != 0;
+  static constexpr int BN = 16 * NW, NT = 32 * NW, NP = NW / 2, LDS = HD + 8, LDSS = BMQ + 8;
   static constexpr size_t kBytesT = size_t(2 * BN + 2 * QS * BMQ) * LDS * sizeof(T);
   static constexpr size_t kBytesF = size_t(2 * QS * BMQ) * sizeof(float);
+  static constexpr size_t kBytesP = size_t(NP) * 2 * (BMQ / 16) * 32 * sizeof(uint4);
   static constexpr size_t kBytesDs = kAtomicDq ? size_t(BN) * LDSS * sizeof(T) : 0;
-  static constexpr size_t kSmem = kBytesT + kBytesF + kBytesDs;
+  static constexpr size_t kSmem = kBytesT + kBytesF + kBytesP + kBytesDs;
 };
 
-template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, int kDq>
 __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<T> p) {
-  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kAtomicDq>;
+  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kDq>;
+  constexpr bool kAtomicDq = Cfg::kAtomicDq;
   constexpr int BN = Cfg::BN, NT = Cfg::NT, LDS = Cfg::LDS, LDSS = Cfg::LDSS;
   constexpr bool kAsync = !kSm75;
-  static_assert(BMQ <= NT && BMQ % 16 == 0, "query tile");
+  static_assert(BMQ <= NT && BMQ % 16 == 0 && NW % 2 == 0 && NW / 2 <= 15, "query tile / warp pairs");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + BN * LDS;
@@ -63,7 +102,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
   T* sdO = sQ + QS * BMQ * LDS;    // QS stages
   float* sL = reinterpret_cast<float*>(smem_raw + Cfg::kBytesT);  // QS stages of lse
   float* sD = sL + QS * BMQ;                                        // QS stages of D
-  T* sdS = reinterpret_cast<T*>(smem_raw + Cfg::kBytesT + Cfg::kBytesF);
+  uint4* sP = reinterpret_cast<uint4*>(smem_raw + Cfg::kBytesT + Cfg::kBytesF);
+  T* sdS = reinterpret_cast<T*>(smem_raw + Cfg::kBytesT + Cfg::kBytesF + Cfg::kBytesP);
 
   const int kvh = blockIdx.x;
   const int seg_start = p.cu_seqlens[blockIdx.z];
@@ -71,6 +111,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
   const int k0 = blockIdx.y * BN;  // key tile 0 has the most work and is scheduled first
   if (k0 >= seg_len) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int pair = warp >> 1, role = warp & 1;
+  const int kb = pair * 32;  // first key of the pair within the tile
   const int NH = p.NH;
   const int i_first = k0 / BMQ;
   const int n_qt = (seg_len + BMQ - 1) / BMQ - i_first;
@@ -102,13 +144,15 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
   load_q(0, 0);
   cp_async_commit<kAsync>();
 
-  float dk[HD / 8][4], dv[HD / 8][4];
+  // role 0: dV, role 1: dK (unscaled); rows key_a + 16 mt + 8 r
+  float acc[2][HD / 8][4];
 #pragma unroll
-  for (int i = 0; i < HD / 8; ++i) {
-    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
-    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
-  }
-  const int key_a = k0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int i = 0; i < HD / 8; ++i) acc[mt][i][0] = acc[mt][i][1] = acc[mt][i][2] = acc[mt][i][3] = 0.0f;
+  const int key_a = k0 + kb + (lane >> 2);
+  const T* sA1 = role == 0 ? sK : sV;  // A operand of the first product
+  uint4* sPp = sP + pair * (2 * (BMQ / 16) * 32) + lane;
 
   for (int it = 0; it < n_it; ++it) {
     const int stage = QS == 2 ? (it & 1) : 0;
@@ -124,156 +168,203 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
     const int r0 = (i_first + it % n_qt) * BMQ;
     const T* cQ = sQ + stage * BMQ * LDS;
     const T* cdO = sdO + stage * BMQ * LDS;
+    const T* cB1 = role == 0 ? cQ : cdO;   // B of the first product (rows = queries)
+    const T* cB2 = role == 0 ? cdO : cQ;   // B of the second product
     const float* cL = sL + stage * BMQ;
     const float* cD = sD + stage * BMQ;
 
-    // S^T = K_w Q^T (16 keys x BMQ queries per warp)
-    float st[BMQ / 8][4];
+    // role 0: S^T = K_p Q^T ; role 1: dP^T = V_p dO^T  (32 keys x BMQ queries)
+    float st[2][BMQ / 8][4];
 #pragma unroll
-    for (int i = 0; i < BMQ / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int i = 0; i < BMQ / 8; ++i) st[mt][i][0] = st[mt][i][1] = st[mt][i][2] = st[mt][i][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm4(a, smem_u32(sK + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
+      uint32_t a[2][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+        ldsm4(a[mt], smem_u32(sA1 + (kb + mt * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
 #pragma unroll
       for (int nb2 = 0; nb2 < BMQ / 16; ++nb2) {
         uint32_t b[4];
-        ldsm4(b, smem_u32(cQ + (nb2 * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8));
-        mma16816<T, kSm75>(st[2 * nb2], a, b[0], b[1]);
-        mma16816<T, kSm75>(st[2 * nb2 + 1], a, b[2], b[3]);
+        ldsm4(b, smem_u32(cB1 + (nb2 * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T, kSm75>(st[mt][2 * nb2], a[mt], b[0], b[1]);
+          mma16816<T, kSm75>(st[mt][2 * nb2 + 1], a[mt], b[2], b[3]);
+        }
       }
     }
-    // P^T, causal mask where some key of the tile is after some query of the tile
-    const bool need_mask = k0 + BN - 1 > r0;
+    // A operand of the second product: P^T (role 0) or dS^T (role 1), 16-bit, [mt][16-query block]
+    uint32_t pk[2][BMQ / 16][4];
+    if (role == 0) {
+      const bool need_mask = k0 + kb + 31 > r0;
 #pragma unroll
-    for (int nb = 0; nb < BMQ / 8; ++nb) {
+      for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nb * 8 + 2 * (lane & 3) + (e & 1);
-        float pv = fast_exp2(fmaf(st[nb][e], sl2, -cL[col] * kLog2e));
-        if (need_mask && key_a + (e >> 1) * 8 > r0 + col) pv = 0.0f;
-        st[nb][e] = pv;
-      }
+        for (int nb = 0; nb < BMQ / 8; ++nb)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = nb * 8 + 2 * (lane & 3) + (e & 1);
+            float pv = fast_exp2(fmaf(st[mt][nb][e], sl2, -cL[col] * kLog2e));
+            if (need_mask && key_a + mt * 16 + (e >> 1) * 8 > r0 + col) pv = 0.0f;
+            st[mt][nb][e] = pv;
+          }
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < BMQ / 16; ++kk) {
+          pk[mt][kk][0] = pack2<T>(st[mt][2 * kk][0], st[mt][2 * kk][1]);
+          pk[mt][kk][1] = pack2<T>(st[mt][2 * kk][2], st[mt][2 * kk][3]);
+          pk[mt][kk][2] = pack2<T>(st[mt][2 * kk + 1][0], st[mt][2 * kk + 1][1]);
+          pk[mt][kk][3] = pack2<T>(st[mt][2 * kk + 1][2], st[mt][2 * kk + 1][3]);
+          sPp[(mt * (BMQ / 16) + kk) * 32] = make_uint4(pk[mt][kk][0], pk[mt][kk][1], pk[mt][kk][2], pk[mt][kk][3]);
+        }
+      named_bar_arrive(1 + pair, 64);
+    } else {
+      named_bar_sync(1 + pair, 64);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int kk = 0; kk < BMQ / 16; ++kk) {
+          const uint4 pp = sPp[(mt * (BMQ / 16) + kk) * 32];
+          const uint32_t pw[4] = {pp.x, pp.y, pp.z, pp.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {  // j = 2 * (n block within kk) + row half
+            const int nb = 2 * kk + (j >> 1);
+            const int col = nb * 8 + 2 * (lane & 3);
+            const float2 pf = unpack2<T>(pw[j]);
+            const int e0 = (j & 1) * 2;
+            pk[mt][kk][j] = pack2<T>(pf.x * (st[mt][nb][e0] - cD[col]), pf.y * (st[mt][nb][e0 + 1] - cD[col + 1]));
+            if constexpr (kAtomicDq)
+              *reinterpret_cast<uint32_t*>(sdS + (kb + mt * 16 + (lane >> 2) + 8 * (j & 1)) * LDSS + col) = pk[mt][kk][j];
+          }
+        }
     }
-    // dV += P^T dO
+    // role 0: dV += P^T dO ; role 1: dK += dS^T Q
 #pragma unroll
     for (int kk = 0; kk < BMQ / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
-                             pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                             pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
 #pragma unroll
       for (int nb2 = 0; nb2 < HD / 16; ++nb2) {
         uint32_t b[4];
-        ldsm4_t(b, smem_u32(cdO + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + nb2 * 16 + (lane >> 4) * 8));
-        mma16816<T, kSm75>(dv[2 * nb2], a, b[0], b[1]);
-        mma16816<T, kSm75>(dv[2 * nb2 + 1], a, b[2], b[3]);
-      }
-    }
-    // dP^T = V_w dO^T
-    float dpt[BMQ / 8][4];
+        ldsm4_t(b, smem_u32(cB2 + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + nb2 * 16 + (lane >> 4) * 8));
 #pragma unroll
-    for (int i = 0; i < BMQ / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
-#pragma unroll
-    for (int kk = 0; kk < HD / 16; ++kk) {
-      uint32_t a[4];
-      ldsm4(a, smem_u32(sV + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
-#pragma unroll
-      for (int nb2 = 0; nb2 < BMQ / 16; ++nb2) {
-        uint32_t b[4];
-        ldsm4(b, smem_u32(cdO + (nb2 * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8));
-        mma16816<T, kSm75>(dpt[2 * nb2], a, b[0], b[1]);
-        mma16816<T, kSm75>(dpt[2 * nb2 + 1], a, b[2], b[3]);
-      }
-    }
-    // dS^T = P^T (dP^T - D)
-#pragma unroll
-    for (int nb = 0; nb < BMQ / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = nb * 8 + 2 * (lane & 3) + (e & 1);
-        dpt[nb][e] = st[nb][e] * (dpt[nb][e] - cD[col]);
-      }
-    }
-    // dK += dS^T Q
-#pragma unroll
-    for (int kk = 0; kk < BMQ / 16; ++kk) {
-      const uint32_t a[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
-                             pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                             pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-      for (int nb2 = 0; nb2 < HD / 16; ++nb2) {
-        uint32_t b[4];
-        ldsm4_t(b, smem_u32(cQ + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + nb2 * 16 + (lane >> 4) * 8));
-        mma16816<T, kSm75>(dk[2 * nb2], a, b[0], b[1]);
-        mma16816<T, kSm75>(dk[2 * nb2 + 1], a, b[2], b[3]);
+        for (int mt = 0; mt < 2; ++mt) {
+          mma16816<T, kSm75>(acc[mt][2 * nb2], pk[mt][kk], b[0], b[1]);
+          mma16816<T, kSm75>(acc[mt][2 * nb2 + 1], pk[mt][kk], b[2], b[3]);
+        }
       }
     }
     if constexpr (kAtomicDq) {
       // dS (BMQ x BN) = (dS^T)^T through shared memory, then dQ_tile += dS K with fp32 atomics.
-#pragma unroll
-      for (int nb = 0; nb < BMQ / 8; ++nb)
-#pragma unroll
-        for (int r = 0; r < 2; ++r)
-          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + (lane >> 2) + 8 * r) * LDSS + nb * 8 + 2 * (lane & 3)) =
-              pack2<T>(dpt[nb][2 * r], dpt[nb][2 * r + 1]);
       __syncthreads();
-      constexpr int kMB = BMQ / 16;       // 16-row blocks of the query tile
-      constexpr int kWPM = NW / kMB;      // warps per row block
-      constexpr int kNCol = HD / kWPM;    // head-dim columns per warp
+      // Warp tile: kMQ x 16 query rows by kNCol head-dim columns (32 rows where the split allows:
+      // each K fragment then feeds two row blocks).
+      constexpr int kMQ = (BMQ % 32 == 0 && NW % (BMQ / 32) == 0 && (HD / (NW / (BMQ / 32))) % 16 == 0) ? 2 : 1;
+      constexpr int kMB = BMQ / (16 * kMQ);  // row blocks of the query tile
+      constexpr int kWPM = NW / kMB;         // warps per row block
+      constexpr int kNCol = HD / kWPM;       // head-dim columns per warp
       static_assert(NW % kMB == 0 && kNCol % 16 == 0, "dq warp split");
       const int mb = warp % kMB, c0 = (warp / kMB) * kNCol;
-      float acc[kNCol / 8][4];
+      float dqa[kMQ][kNCol / 8][4];
 #pragma unroll
-      for (int i = 0; i < kNCol / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+      for (int m = 0; m < kMQ; ++m)
+#pragma unroll
+        for (int i = 0; i < kNCol / 8; ++i) dqa[m][i][0] = dqa[m][i][1] = dqa[m][i][2] = dqa[m][i][3] = 0.0f;
 #pragma unroll
       for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[4];
-        ldsm4_t(a, smem_u32(sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDSS + mb * 16 + ((lane >> 3) & 1) * 8));
+        uint32_t a[kMQ][4];
+#pragma unroll
+        for (int m = 0; m < kMQ; ++m)
+          ldsm4_t(a[m], smem_u32(sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDSS + (mb * kMQ + m) * 16 +
+                                 ((lane >> 3) & 1) * 8));
 #pragma unroll
         for (int nb2 = 0; nb2 < kNCol / 16; ++nb2) {
           uint32_t b[4];
           ldsm4_t(b, smem_u32(sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + c0 + nb2 * 16 + (lane >> 4) * 8));
-          mma16816<T, kSm75>(acc[2 * nb2], a, b[0], b[1]);
-          mma16816<T, kSm75>(acc[2 * nb2 + 1], a, b[2], b[3]);
-        }
-      }
 #pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int row = r0 + mb * 16 + (lane >> 2) + 8 * r;
-        if (row < seg_len) {
-          float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3);
-#pragma unroll
-          for (int nb = 0; nb < kNCol / 8; ++nb) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-            atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(acc[nb][2 * r], acc[nb][2 * r + 1]));
-#else
-            atomicAdd(dst + nb * 8, acc[nb][2 * r]);
-            atomicAdd(dst + nb * 8 + 1, acc[nb][2 * r + 1]);
-#endif
+          for (int m = 0; m < kMQ; ++m) {
+            mma16816<T, kSm75>(dqa[m][2 * nb2], a[m], b[0], b[1]);
+            mma16816<T, kSm75>(dqa[m][2 * nb2 + 1], a[m], b[2], b[3]);
           }
         }
       }
+      int* sem = nullptr;  // kDq == 2: key tiles that have added into this (query tile, head)
+      if constexpr (kDq == 2) {
+        sem = p.dq_sem + (int64_t(seg_start) + r0) * NH + h;
+        if (lane == 0 && blockIdx.y > 0) {
+          while (ld_acquire_gpu(sem) < int(blockIdx.y)) {
+          }
+        }
+        __syncwarp();
+      }
+#if LT_ATTN_DQ_V4 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      // 16-byte atomics: lanes t, t^1 swap halves so that even t adds 4 columns of row g, odd t of row g + 8.
+      const bool odd = lane & 1;
+#pragma unroll
+      for (int m = 0; m < kMQ; ++m) {
+        const int row = r0 + (mb * kMQ + m) * 16 + (lane >> 2) + (odd ? 8 : 0);
+        float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3) - (odd ? 2 : 0);
+#pragma unroll
+        for (int nb = 0; nb < kNCol / 8; ++nb) {
+          const float* v = dqa[m][nb];
+          const float rx = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[2], 1);
+          const float ry = __shfl_xor_sync(0xffffffffu, odd ? v[1] : v[3], 1);
+          const float4 o = odd ? make_float4(rx, ry, v[2], v[3]) : make_float4(v[0], v[1], rx, ry);
+          if (row < seg_len) atomicAdd(reinterpret_cast<float4*>(dst + nb * 8), o);
+        }
+      }
+#else
+#pragma unroll
+      for (int m = 0; m < kMQ; ++m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = r0 + (mb * kMQ + m) * 16 + (lane >> 2) + 8 * r;
+          if (row < seg_len) {
+            float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3);
+#pragma unroll
+            for (int nb = 0; nb < kNCol / 8; ++nb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(dqa[m][nb][2 * r], dqa[m][nb][2 * r + 1]));
+#else
+              atomicAdd(dst + nb * 8, dqa[m][nb][2 * r]);
+              atomicAdd(dst + nb * 8 + 1, dqa[m][nb][2 * r + 1]);
+#endif
+            }
+          }
+        }
+#endif
+      if constexpr (kDq == 2) {
+        __syncthreads();  // every warp's adds are issued
+        if (tid == 0) {
+          __threadfence();
+          st_release_gpu(sem, int(blockIdx.y) + 1);
+        }
+      }
     }
-    __syncthreads();  // this stage (and sdS) is refilled next iteration
+    __syncthreads();  // this stage (and sP, sdS) is refilled next iteration
     if (QS == 1 && it + 1 < n_it) {
       load_q(it + 1, 0);
       cp_async_commit<kAsync>();
     }
   }
 
+  const float osc = role == 0 ? 1.0f : p.scale;
+  T* gout = role == 0 ? p.dv : p.dk;
+  const int64_t ldo = role == 0 ? p.ldv : p.ldk;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key = key_a + 8 * r;
-    if (key < seg_len) {
-      T* dkp = p.dk + (int64_t(seg_start) + key) * p.ldk + int64_t(kvh) * HD + 2 * (lane & 3);
-      T* dvp = p.dv + (int64_t(seg_start) + key) * p.ldv + int64_t(kvh) * HD + 2 * (lane & 3);
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-      for (int nb = 0; nb < HD / 8; ++nb) {
-        *reinterpret_cast<uint32_t*>(dkp + nb * 8) = pack2<T>(dk[nb][2 * r] * p.scale, dk[nb][2 * r + 1] * p.scale);
-        *reinterpret_cast<uint32_t*>(dvp + nb * 8) = pack2<T>(dv[nb][2 * r], dv[nb][2 * r + 1]);
+    for (int r = 0; r < 2; ++r) {
+      const int key = key_a + mt * 16 + 8 * r;
+      if (key < seg_len) {
+        T* dst = gout + (int64_t(seg_start) + key) * ldo + int64_t(kvh) * HD + 2 * (lane & 3);
+#pragma unroll
+        for (int nb = 0; nb < HD / 8; ++nb)
+          *reinterpret_cast<uint32_t*>(dst + nb * 8) = pack2<T>(acc[mt][nb][2 * r] * osc, acc[mt][nb][2 * r + 1] * osc);
       }
     }
-  }
 }
 
 // ---- 3. dQ, deterministic ---------------------------------------------------------------------
@@ -311,7 +402,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dq_kernel(const BwdParams<T>
   const T* gdo = p.dout + int64_t(seg_start) * NH * HD + int64_t(h) * HD;
   const T* gk = p.k + int64_t(seg_start) * p.ldk + int64_t(kvh) * HD;
   const T* gv = p.v + int64_t(seg_start) * p.ldv + int64_t(kvh) * HD;
-  const int n_kv = (std::min(seg_len, q0 + BM) + BN - 1) / BN;
+  const int n_kv = ((seg_len < q0 + BM ? seg_len : q0 + BM) + BN - 1) / BN;
   auto load_kv = [&](int j, int stage) {
     load_rows<BN, HD, NT, kAsync>(sK + stage * BN * LDS, LDS, gk, p.ldk, j * BN, seg_len, tid);
     load_rows<BN, HD, NT, kAsync>(sV + stage * BN * LDS, LDS, gv, p.ldv, j * BN, seg_len, tid);
@@ -475,24 +566,28 @@ __global__ void attn_bwd_convert_dq_kernel(T* dq, const float* acc, int64_t ldq,
 #define LT_ATTN_DQ_CFG64 4, 2, 32, 2
 #endif
 
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, int kDq>
+void launch_dkdv_mode(const BwdParams<T>& p, const dim3& grid, cudaStream_t stream) {
+  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kDq>;
+  auto kernel = attn_bwd_dkdv_kernel<T, HD, NW, BMQ, QS, kSm75, kDq>;
+  set_smem_limit(kernel, Cfg::kSmem);
+  kernel<<<grid, Cfg::NT, Cfg::kSmem, stream>>>(p);
+  CUDA_CHECK_LAUNCH();
+}
+
 template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75>
-void launch_dkdv(bool atomic_dq, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen, int64_t num_segments,
+void launch_dkdv(int dq_mode, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen, int64_t num_segments,
                  cudaStream_t stream) {
   const int64_t tiles = (max_seqlen + 16 * NW - 1) / (16 * NW);
   if (tiles > 65535) throw ConfigError("attention: max_seqlen too large for one launch");
+  // blockIdx.y = key tile: ordered dQ (mode 2) relies on key tile j - 1 being dispatched before j.
   const dim3 grid{unsigned(NKV), unsigned(tiles), unsigned(num_segments)};
-  if (atomic_dq) {
-    using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, true>;
-    auto kernel = attn_bwd_dkdv_kernel<T, HD, NW, BMQ, QS, kSm75, true>;
-    set_smem_limit(kernel, Cfg::kSmem);
-    kernel<<<grid, Cfg::NT, Cfg::kSmem, stream>>>(p);
-  } else {
-    using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, false>;
-    auto kernel = attn_bwd_dkdv_kernel<T, HD, NW, BMQ, QS, kSm75, false>;
-    set_smem_limit(kernel, Cfg::kSmem);
-    kernel<<<grid, Cfg::NT, Cfg::kSmem, stream>>>(p);
-  }
-  CUDA_CHECK_LAUNCH();
+  if (dq_mode == 2)
+    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, 2>(p, grid, stream);
+  else if (dq_mode == 1)
+    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, 1>(p, grid, stream);
+  else
+    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, 0>(p, grid, stream);
 }
 
 template <typename T, int HD, int NW, int MT, int BN, int KS, bool kSm75>
@@ -507,25 +602,32 @@ void launch_dq(const BwdParams<T>& p, int64_t max_seqlen, int64_t num_segments, 
   CUDA_CHECK_LAUNCH();
 }
 
+// dq_mode: 0 = separate dQ kernel, 1 / 2 = atomics fused into the dK/dV kernel (any order / key-tile order)
 template <typename T, int HD>
-void dispatch_bwd(AttentionKernel kind, bool atomic_dq, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen,
+void dispatch_bwd(AttentionKernel kind, int dq_mode, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen,
                   int64_t num_segments, cudaStream_t stream) {
   if (kind == AttentionKernel::kTensorCoreSm75) {
     if constexpr (std::is_same_v<T, __half>) {
       // sm_75: at most 64 KB of shared memory per block, one query / KV stage.
-      launch_dkdv<T, HD, 4, 32, 1, true>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
-      if (!atomic_dq) launch_dq<T, HD, 4, 1, HD == 128 ? 32 : 64, 1, true>(p, max_seqlen, num_segments, stream);
+      launch_dkdv<T, HD, 4, 32, 1, true>(dq_mode, p, NKV, max_seqlen, num_segments, stream);
+      if (dq_mode == 0) launch_dq<T, HD, 4, 1, HD == 128 ? 32 : 64, 1, true>(p, max_seqlen, num_segments, stream);
     }
     return;
   }
   if constexpr (HD == 128) {
-    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG128, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
-    if (!atomic_dq) launch_dq<T, HD, LT_ATTN_DQ_CFG128, false>(p, max_seqlen, num_segments, stream);
+    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG128, false>(dq_mode, p, NKV, max_seqlen, num_segments, stream);
+    if (dq_mode == 0) launch_dq<T, HD, LT_ATTN_DQ_CFG128, false>(p, max_seqlen, num_segments, stream);
   } else {
-    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG64, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
-    if (!atomic_dq) launch_dq<T, HD, LT_ATTN_DQ_CFG64, false>(p, max_seqlen, num_segments, stream);
+    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG64, false>(dq_mode, p, NKV, max_seqlen, num_segments, stream);
+    if (dq_mode == 0) launch_dq<T, HD, LT_ATTN_DQ_CFG64, false>(p, max_seqlen, num_segments, stream);
   }
 }
+
+// Deterministic dQ: 1 = fused into the dK/dV kernel with key-tile-ordered atomics, 0 = separate dQ kernel.
+#ifndef LT_ATTN_DET_FUSED
+#define LT_ATTN_DET_FUSED 0
+#endif
+int dq_mode_of(const AttentionOptions& opt) { return opt.nondeterministic_dq ? 1 : (LT_ATTN_DET_FUSED ? 2 : 0); }
 
 constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -535,8 +637,10 @@ constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t attention_backward_workspace_bytes(int64_t T, int64_t NH, int64_t NKV, int64_t HD,
                                           const AttentionOptions& opt) {
   (void)NKV;
+  const int mode = attn_detail::dq_mode_of(opt);
   size_t bytes = attn_detail::align256(size_t(T) * size_t(NH) * sizeof(float));  // D
-  if (opt.nondeterministic_dq) bytes += attn_detail::align256(size_t(T) * size_t(NH) * size_t(HD) * sizeof(float));
+  if (mode != 0) bytes += size_t(T) * size_t(NH) * size_t(HD) * sizeof(float);   // dq_accum
+  if (mode == 2) bytes += size_t(T) * size_t(NH) * sizeof(int);                  // dq_sem
   return bytes;
 }
 
@@ -555,10 +659,14 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   if (T == 0 || num_segments == 0) return;
 
   float* D = static_cast<float*>(workspace);
+  const int dq_mode = dq_mode_of(opt);
   float* dq_accum = nullptr;
-  if (opt.nondeterministic_dq) {
+  int* dq_sem = nullptr;
+  if (dq_mode != 0) {
     dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(size_t(T) * NH * sizeof(float)));
-    CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * NH * HD * sizeof(float), stream));
+    if (dq_mode == 2) dq_sem = reinterpret_cast<int*>(dq_accum + size_t(T) * NH * HD);
+    CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * NH * (HD * sizeof(float) + (dq_mode == 2 ? sizeof(int) : 0)),
+                               stream));
   }
   const int64_t rows = T * NH;
   {
@@ -576,6 +684,7 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   p.dk = dk;
   p.dv = dv;
   p.dq_accum = dq_accum;
+  p.dq_sem = dq_sem;
   p.dout = dout;
   p.q = q;
   p.k = k;
@@ -592,11 +701,11 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   p.scale = float(1.0 / std::sqrt(double(HD)));
   p.scale_log2 = p.scale * kLog2e;
   if (HD == 128)
-    dispatch_bwd<scalar_t, 128>(kind, opt.nondeterministic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
+    dispatch_bwd<scalar_t, 128>(kind, dq_mode, p, NKV, opt.max_seqlen, num_segments, stream);
   else
-    dispatch_bwd<scalar_t, 64>(kind, opt.nondeterministic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
+    dispatch_bwd<scalar_t, 64>(kind, dq_mode, p, NKV, opt.max_seqlen, num_segments, stream);
 
-  if (opt.nondeterministic_dq) {
+  if (dq_mode != 0) {
     const int64_t pairs = rows * (HD / 2);
     const unsigned blocks = unsigned((pairs + 255) / 256);
     if (HD == 128)

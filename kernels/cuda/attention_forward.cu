@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(NW * 32) attn_fwd_kernel(const FwdParams<T> p)
   const T* gq = p.q + int64_t(seg_start) * p.ldq + int64_t(h) * HD;
   const T* gk = p.k + int64_t(seg_start) * p.ldk + int64_t(kvh) * HD;
   const T* gv = p.v + int64_t(seg_start) * p.ldv + int64_t(kvh) * HD;
-  const int n_kv = (std::min(seg_len, q0 + BM) + BN - 1) / BN;
+  const int n_kv = ((seg_len < q0 + BM ? seg_len : q0 + BM) + BN - 1) / BN;
 
   auto load_kv = [&](int j, int stage) {
     load_rows<BN, HD, NT, kAsync>(sK + stage * BN * LDS, LDS, gk, p.ldk, j * BN, seg_len, tid);

@@ -67,7 +67,7 @@ inline constexpr int64_t kBuiltinMaxHaystack = kBuiltinMaxDocLength - 3 * kBuilt
 // The tiny built-in Llama described above.
 LlamaConfig builtin_model_config();
 // Its GPU variant: the CUDA attention runs head_dim 64 and 128 only, so `train --device cuda`
-// uses hidden 128 as 2 query heads / 1 KV head of 64 (intermediate 256), same vocabulary and task.
+// uses the same head layout (4 query / 2 KV heads) at head_dim 64: hidden 256, intermediate 512.
 LlamaConfig builtin_model_config_gpu();
 
 // Deterministic initialization of the flat fp32 parameter buffer `flat` (table.total_elements()

@@ -56,7 +56,7 @@ LlamaConfig llama_shape(const std::string& name) {
 }  // namespace
 
 int run_bench_train(int argc, char** argv) {
-  std::string model = "1b", dtype = "bf16", recompute = "auto";
+  std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto";
   int64_t seq = 16384, steps = 5, warmup = 2;
   bool nondet = false;
   po::options_description desc("longtune bench train: single-GPU training step on a Llama shape (random weights)");
@@ -68,6 +68,7 @@ int run_bench_train(int argc, char** argv) {
       ("dtype", po::value(&dtype)->default_value(dtype), "bf16 | fp16")
       ("recompute", po::value(&recompute)->default_value(recompute),
        "none (keep activations) | layer (keep layer inputs, recompute) | auto (none when it fits)")
+      ("attention", po::value(&attention)->default_value(attention), "attention kernel: auto | tensor-core | sm75 (fp16)")
       ("nondeterministic-attention", po::bool_switch(&nondet), "fp32 atomics in attention backward (faster)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
@@ -83,6 +84,7 @@ int run_bench_train(int argc, char** argv) {
   else throw ConfigError("--dtype: expected bf16 or fp16, got " + dtype);
   opt.model.max_tokens = seq;
   opt.model.nondeterministic_attention = nondet;
+  opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
   if (recompute == "none") opt.model.recompute = gpu::Recompute::kNone;
   else if (recompute == "layer") opt.model.recompute = gpu::Recompute::kLayer;
   else if (recompute == "auto") {
@@ -94,9 +96,10 @@ int run_bench_train(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("[bench] %s | %s shape: %.3f B parameters | seq %lld | %s | recompute %s\n", prop.name, model.c_str(),
-              double(table.num_parameters()) / 1e9, (long long)seq, dtype.c_str(),
-              opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer");
+  std::printf("[bench] %s | %s shape: %.3f B parameters | seq %lld | %s | recompute %s | attention %s%s\n", prop.name,
+              model.c_str(), double(table.num_parameters()) / 1e9, (long long)seq, dtype.c_str(),
+              opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer", attention.c_str(),
+              nondet ? " (nondeterministic dq)" : "");
   std::printf("[bench] device memory plan: %s\n", gpu::GpuEngine::plan(cfg, opt).describe().c_str());
 
   gpu::GpuEngine engine(cfg, table, AdamWConfig{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0}, opt);

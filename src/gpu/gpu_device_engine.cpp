@@ -82,6 +82,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const TrainConfig& cfg, const L
   gpu::GpuEngineOptions opt;
   opt.model.compute_dtype = cfg.dtype == "fp16" ? DType::F16 : DType::BF16;
   opt.model.max_tokens = cfg.seq_len * cfg.micro_batch;
+  opt.model.attention_kernel = gpu::attention_kernel_from_name(cfg.attention);
   if (cfg.recompute == "layer") {
     opt.model.recompute = gpu::Recompute::kLayer;
   } else {

@@ -383,6 +383,13 @@ size_t plan_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {
 
 }  // namespace
 
+cuda::AttentionKernel attention_kernel_from_name(const std::string& name) {
+  if (name == "auto") return cuda::AttentionKernel::kAuto;
+  if (name == "tensor-core") return cuda::AttentionKernel::kTensorCore;
+  if (name == "sm75") return cuda::AttentionKernel::kTensorCoreSm75;
+  throw ConfigError("--attention: expected auto, tensor-core or sm75, got '" + name + "'");
+}
+
 size_t LlamaGpu::activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {
   switch (opt.compute_dtype) {
     case DType::BF16: return plan_bytes<__nv_bfloat16>(cfg, opt);

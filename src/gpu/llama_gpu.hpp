@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 #include "kernels/cuda/attention.cuh"
 #include "src/common/dtype.hpp"
@@ -34,6 +35,10 @@ struct GpuModelOptions {
   int64_t max_tokens = 0;                   // rows * seq_len of the largest micro-batch
   int64_t loss_chunk = 0;                   // tokens per lm_head + cross-entropy chunk (0: auto, ~1.5 GiB scratch)
 };
+
+// "auto" | "tensor-core" (sm_80+, bf16/fp16) | "sm75" (fp16, V100/T4-class instructions only):
+// the --attention option. Throws ConfigError for other names.
+cuda::AttentionKernel attention_kernel_from_name(const std::string& name);
 
 class LlamaGpu {
  public:

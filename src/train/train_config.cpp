@@ -32,6 +32,7 @@ const std::map<std::string, std::string>& option_sections() {
       {"keep-last", "train"},       {"resume", "train"},          {"eval-every", "train"},
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
       {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
+      {"attention", "gpu"},
   };
   return sections;
 }
@@ -74,7 +75,8 @@ po::options_description make_description(TrainConfig* c) {
       ("threads", po::value(&c->threads), "[train] host threads (0: OMP_NUM_THREADS or all cores)")
       ("device", po::value(&c->device), "[gpu] cpu or cuda (one GPU per rank; default cpu)")
       ("dtype", po::value(&c->dtype), "[gpu] GPU compute dtype: bf16 or fp16 (fp16: dynamic loss scaling, for V100)")
-      ("recompute", po::value(&c->recompute), "[gpu] activations: none (keep all), layer (keep each layer's input and recompute), auto (none when it fits)");
+      ("recompute", po::value(&c->recompute), "[gpu] activations: none (keep all), layer (keep each layer's input and recompute), auto (none when it fits)")
+      ("attention", po::value(&c->attention), "[gpu] attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 with V100/T4-class instructions only)");
   return desc;
 }
 
@@ -194,6 +196,10 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   require(c.dtype == "bf16" || c.dtype == "fp16", "dtype", "bf16 or fp16", "'" + c.dtype + "'");
   require(c.recompute == "auto" || c.recompute == "none" || c.recompute == "layer", "recompute",
           "auto, none or layer", "'" + c.recompute + "'");
+  require(c.attention == "auto" || c.attention == "tensor-core" || c.attention == "sm75", "attention",
+          "auto, tensor-core or sm75", "'" + c.attention + "'");
+  require(c.attention != "sm75" || c.dtype == "fp16", "attention", "--dtype fp16 with the sm75 kernel (it has no bf16)",
+          "--dtype " + c.dtype);
   *out = c;
   return true;
 }
@@ -220,7 +226,8 @@ std::string to_ini(const TrainConfig& c) {
     << "\nkeep-last = " << c.keep_last << "\nresume = " << c.resume << "\neval-every = " << c.eval_every
     << "\nlog-every = " << c.log_every << "\nthreads = " << c.threads << "\n";
   s << "\n[gpu]\n";
-  s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\n";
+  s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\nattention = "
+    << c.attention << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();
 }

@@ -42,6 +42,7 @@ struct TrainConfig {
   std::string device = "cpu";     // cpu | cuda (one GPU per rank)
   std::string dtype = "bf16";     // compute dtype on the GPU: bf16 | fp16 (fp16: dynamic loss scaling)
   std::string recompute = "auto"; // activations: none (keep all) | layer (keep layer inputs) | auto (none if it fits)
+  std::string attention = "auto"; // attention kernel: auto | tensor-core | sm75 (fp16 only: the V100/T4 path)
 
   bool builtin_model() const { return model_dir.empty(); }
   bool builtin_data() const { return data.empty(); }

@@ -25,6 +25,9 @@ for part in "$@"; do
       done ;;
     bench1b)
       "$dir/bin/longtune" bench train --model 1b --seq-len 16384 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
+    kernels)
+      "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaKernelBench*:*CudaMatmulBench*' \
+        2>&1 | tee "$out/kernel_bench.log" | grep -vE "^\[ (RUN|      OK) " | tail -40 ;;
     attn)
       ATTN_BENCH_QUICK=1 "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaAttentionBench*' 2>&1 | tee "$out/attn_bench.log" | tail -12
       python3 "$dir/anchor_attn.py" 2>&1 | tee "$out/attn_anchor.log" | tail -8 ;;

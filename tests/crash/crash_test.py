@@ -47,9 +47,9 @@ def log(msg):
 
 # ---- launching and killing --------------------------------------------------------------------
 
-def train_command(args, run_dir):
+def train_command(args, run_dir, tmp_dir, shm_dir):
     cmd = [args.mpirun, "-np", str(args.ranks), "--oversubscribe", "--bind-to", "none",
-           "--mca", "orte_tmpdir_base", args.ompi_tmp, "--mca", "btl_vader_backing_directory", args.ompi_shm,
+           "--mca", "orte_tmpdir_base", tmp_dir, "--mca", "btl_vader_backing_directory", shm_dir,
            "-x", "OMP_NUM_THREADS=1", "-x", "OMP_WAIT_POLICY=passive"]
     # Line-buffered stdout, so that "[train] resumed from ..." reaches the log before a kill.
     if args.stdbuf:
@@ -57,10 +57,10 @@ def train_command(args, run_dir):
     return cmd + [args.longtune, "train", "--run-dir", run_dir] + TRAIN_ARGS
 
 
-def environment(args=None):
+def environment(tmp_dir=None):
     env = dict(os.environ)
-    if args is not None:
-        env["TMPDIR"] = args.ompi_tmp
+    if tmp_dir is not None:
+        env["TMPDIR"] = tmp_dir
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("OMPI_MCA_rmaps_base_oversubscribe", "1")
@@ -75,8 +75,14 @@ class Launch:
     def __init__(self, args, run_dir, log_path):
         self.log_path = log_path
         self.log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen(train_command(args, run_dir), stdout=self.log_file, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=environment(args), start_new_session=True)
+        # Fresh session and shared-memory directories for every launch: a SIGKILLed job leaves its
+        # vader_segment.<host>.<jobid>.<rank> files and session directory behind, and a later job
+        # that draws the same job id (a hash of mpirun's pid) must never open them.
+        tmp_dir = tempfile.mkdtemp(prefix="l", dir=args.ompi_tmp)
+        shm_dir = tempfile.mkdtemp(prefix="launch-", dir=args.ompi_shm)
+        self.proc = subprocess.Popen(train_command(args, run_dir, tmp_dir, shm_dir), stdout=self.log_file,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=environment(tmp_dir),
+                                     start_new_session=True)
         self.sid = self.proc.pid  # session leader: mpirun
 
     def session_pids(self):

@@ -76,8 +76,11 @@ struct GpuResult {
   std::vector<float> grads;
 };
 
-GpuResult gpu_forward_backward(const Golden& g, DType dtype, gpu::Recompute recompute) {
-  gpu::GpuEngine engine(g.cfg, *g.table, AdamWConfig{}, options(dtype, recompute, g.batch.num_tokens()));
+GpuResult gpu_forward_backward(const Golden& g, DType dtype, gpu::Recompute recompute,
+                               cuda::AttentionKernel kernel = cuda::AttentionKernel::kAuto) {
+  gpu::GpuEngineOptions o = options(dtype, recompute, g.batch.num_tokens());
+  o.model.attention_kernel = kernel;
+  gpu::GpuEngine engine(g.cfg, *g.table, AdamWConfig{}, o);
   engine.upload_state(g.weights.data(), nullptr, nullptr);
   GpuResult r;
   r.loss = engine.accumulate(g.batch, g.batch.num_targets());
@@ -102,13 +105,21 @@ TEST(GpuModel, MatchesTransformersAndCpuEngine) {
   const LossSum cpu_loss =
       cpu.forward_backward(g.weights.data(), cpu_grads.data(), g.batch, 1.0 / double(g.batch.num_targets()));
 
-  for (DType dtype : {DType::BF16, DType::F16}) {
-    SCOPED_TRACE(std::string(dtype_name(dtype)));
-    const GpuResult r = gpu_forward_backward(g, dtype, gpu::Recompute::kNone);
+  struct Variant {
+    DType dtype;
+    cuda::AttentionKernel kernel;
+    const char* name;
+  };
+  for (const Variant& v : {Variant{DType::BF16, cuda::AttentionKernel::kAuto, "bf16"},
+                           Variant{DType::F16, cuda::AttentionKernel::kAuto, "fp16"},
+                           Variant{DType::F16, cuda::AttentionKernel::kTensorCoreSm75, "fp16, sm75 attention"}}) {
+    const DType dtype = v.dtype;
+    SCOPED_TRACE(v.name);
+    const GpuResult r = gpu_forward_backward(g, dtype, gpu::Recompute::kNone, v.kernel);
     ASSERT_EQ(r.loss.count, g.batch.num_targets());
     const double loss_rel = std::abs(r.loss.mean() - ref_loss) / ref_loss;
-    std::printf("[gpu-model] %s: loss %.6f (transformers %.6f, rel %.2e; CPU %.6f)\n",
-                std::string(dtype_name(dtype)).c_str(), r.loss.mean(), ref_loss, loss_rel, cpu_loss.mean());
+    std::printf("[gpu-model] %s: loss %.6f (transformers %.6f, rel %.2e; CPU %.6f)\n", v.name, r.loss.mean(),
+                ref_loss, loss_rel, cpu_loss.mean());
     EXPECT_LT(loss_rel, dtype == DType::BF16 ? 1e-2 : 3e-3);
     double worst = 0;
     std::string worst_name;
@@ -120,8 +131,7 @@ TEST(GpuModel, MatchesTransformersAndCpuEngine) {
       EXPECT_LT(err_cpu, dtype == DType::BF16 ? 5e-2 : 1e-2) << e.name << " vs the CPU engine";
       for (int64_t i = 0; i < e.numel; ++i) ASSERT_TRUE(std::isfinite(r.grads[size_t(e.offset + i)])) << e.name;
     }
-    std::printf("[gpu-model] %s: worst gradient rel vs transformers %.2e (%s)\n",
-                std::string(dtype_name(dtype)).c_str(), worst, worst_name.c_str());
+    std::printf("[gpu-model] %s: worst gradient rel vs transformers %.2e (%s)\n", v.name, worst, worst_name.c_str());
   }
 }
 
