@@ -32,6 +32,7 @@ packages=(
   libgtest-dev
   nlohmann-json3-dev
   python3
+  python3-matplotlib
 )
 
 missing=()

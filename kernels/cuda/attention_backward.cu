@@ -16,9 +16,18 @@
 
 #include "kernels/cuda/attention_common.cuh"
 
-// Atomic dQ with 16-byte (float4) atomics on sm_90 instead of 8-byte ones.
-#ifndef LT_ATTN_DQ_V4
-#define LT_ATTN_DQ_V4 0
+// Warp tile of the atomic dQ product: 1 = 32 query rows per warp where the split allows, 0 = 16.
+#ifndef LT_ATTN_DQ_MQ2
+#define LT_ATTN_DQ_MQ2 1
+#endif
+// Atomic dQ of query tile i done at the start of iteration i + 1 (dS double-buffered): one CTA barrier
+// less per iteration, and the dQ product overlaps other warps' work.
+#ifndef LT_ATTN_DQ_DEFER
+#define LT_ATTN_DQ_DEFER 0
+#endif
+// Diagnostics only (wrong results): 1 = skip the dQ kernel (det) and the dQ atomics (nondet).
+#ifndef LT_ATTN_DIAG
+#define LT_ATTN_DIAG 0
 #endif
 
 namespace longtune::cuda {
@@ -52,14 +61,6 @@ __device__ __forceinline__ void named_bar_sync(int id, int threads) {
 __device__ __forceinline__ void named_bar_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
-__device__ __forceinline__ int ld_acquire_gpu(const int* ptr) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-__device__ __forceinline__ void st_release_gpu(int* ptr, int v) {
-  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
-}
 template <typename T>
 __device__ __forceinline__ float2 unpack2(uint32_t v);
 template <>
@@ -75,23 +76,21 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
 // shared memory feeds 32 rows). Warp 0 of a pair: S^T = K Q^T, P^T, dV += P^T dO. Warp 1: dP^T = V dO^T,
 // dS^T = P^T (dP^T - D) with P^T (16-bit, in fragment order) from warp 0 through shared memory,
 // dK += dS^T Q. Each warp keeps one 32 x HD accumulator in registers.
-// kDq: 0 = no dQ (separate dQ kernel), 1 = fp32 atomics in any order, 2 = fp32 atomics in key-tile
-// order (a per (query tile, head) counter: key tile j adds after j - 1; deterministic).
-template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, int kDq>
+// kAtomicDq: dS also goes to shared memory and dQ += dS K is added into dq_accum with fp32 atomics.
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
 struct DkdvCfg {
-  static constexpr bool kAtomicDq = kDq != 0;
   static constexpr int BN = 16 * NW, NT = 32 * NW, NP = NW / 2, LDS = HD + 8, LDSS = BMQ + 8;
   static constexpr size_t kBytesT = size_t(2 * BN + 2 * QS * BMQ) * LDS * sizeof(T);
   static constexpr size_t kBytesF = size_t(2 * QS * BMQ) * sizeof(float);
   static constexpr size_t kBytesP = size_t(NP) * 2 * (BMQ / 16) * 32 * sizeof(uint4);
-  static constexpr size_t kBytesDs = kAtomicDq ? size_t(BN) * LDSS * sizeof(T) : 0;
+  static constexpr bool kDefer = kAtomicDq && LT_ATTN_DQ_DEFER && !kSm75;  // sm_75: 64 KB of smem
+  static constexpr size_t kBytesDs = kAtomicDq ? size_t(kDefer ? 2 : 1) * BN * LDSS * sizeof(T) : 0;
   static constexpr size_t kSmem = kBytesT + kBytesF + kBytesP + kBytesDs;
 };
 
-template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, int kDq>
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
 __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<T> p) {
-  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kDq>;
-  constexpr bool kAtomicDq = Cfg::kAtomicDq;
+  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kAtomicDq>;
   constexpr int BN = Cfg::BN, NT = Cfg::NT, LDS = Cfg::LDS, LDSS = Cfg::LDSS;
   constexpr bool kAsync = !kSm75;
   static_assert(BMQ <= NT && BMQ % 16 == 0 && NW % 2 == 0 && NW / 2 <= 15, "query tile / warp pairs");
@@ -111,7 +110,9 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
   const int k0 = blockIdx.y * BN;  // key tile 0 has the most work and is scheduled first
   if (k0 >= seg_len) return;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int pair = warp >> 1, role = warp & 1;
+  // warps w and w + NW/2 form a pair: both run on the same SM sub-partition (warp % 4), so while one
+  // waits at the pair barrier the other keeps that sub-partition's tensor core busy.
+  const int pair = warp % (NW / 2), role = warp / (NW / 2);
   const int kb = pair * 32;  // first key of the pair within the tile
   const int NH = p.NH;
   const int i_first = k0 / BMQ;
@@ -154,6 +155,65 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
   const T* sA1 = role == 0 ? sK : sV;  // A operand of the first product
   uint4* sPp = sP + pair * (2 * (BMQ / 16) * 32) + lane;
 
+  // dS (BMQ x BN) = (dS^T)^T from shared memory; dQ_tile += dS K, added with fp32 atomics.
+  auto dq_part = [&](int itq) {
+    if constexpr (kAtomicDq) {
+      const int h = kvh * p.group + itq / n_qt;
+      const int r0 = (i_first + itq % n_qt) * BMQ;
+      const T* sdSb = sdS + (Cfg::kDefer ? (itq & 1) * BN * LDSS : 0);
+      // Warp tile: kMQ x 16 query rows by kNCol head-dim columns (32 rows where the split allows:
+      // each K fragment then feeds two row blocks).
+      constexpr int kMQ = (LT_ATTN_DQ_MQ2 && BMQ % 32 == 0 && NW % (BMQ / 32) == 0 && (HD / (NW / (BMQ / 32))) % 16 == 0) ? 2 : 1;
+      constexpr int kMB = BMQ / (16 * kMQ);  // row blocks of the query tile
+      constexpr int kWPM = NW / kMB;         // warps per row block
+      constexpr int kNCol = HD / kWPM;       // head-dim columns per warp
+      static_assert(NW % kMB == 0 && kNCol % 16 == 0, "dq warp split");
+      const int mb = warp % kMB, c0 = (warp / kMB) * kNCol;
+      float dqa[kMQ][kNCol / 8][4];
+#pragma unroll
+      for (int m = 0; m < kMQ; ++m)
+#pragma unroll
+        for (int i = 0; i < kNCol / 8; ++i) dqa[m][i][0] = dqa[m][i][1] = dqa[m][i][2] = dqa[m][i][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[kMQ][4];
+#pragma unroll
+        for (int m = 0; m < kMQ; ++m)
+          ldsm4_t(a[m], smem_u32(sdSb + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDSS + (mb * kMQ + m) * 16 +
+                                 ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int nb2 = 0; nb2 < kNCol / 16; ++nb2) {
+          uint32_t b[4];
+          ldsm4_t(b, smem_u32(sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + c0 + nb2 * 16 + (lane >> 4) * 8));
+#pragma unroll
+          for (int m = 0; m < kMQ; ++m) {
+            mma16816<T, kSm75>(dqa[m][2 * nb2], a[m], b[0], b[1]);
+            mma16816<T, kSm75>(dqa[m][2 * nb2 + 1], a[m], b[2], b[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < kMQ; ++m)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int row = r0 + (mb * kMQ + m) * 16 + (lane >> 2) + 8 * r;
+          if (!LT_ATTN_DIAG && row < seg_len) {
+            float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3);
+#pragma unroll
+            for (int nb = 0; nb < kNCol / 8; ++nb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+              atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(dqa[m][nb][2 * r], dqa[m][nb][2 * r + 1]));
+#else
+              atomicAdd(dst + nb * 8, dqa[m][nb][2 * r]);
+              atomicAdd(dst + nb * 8 + 1, dqa[m][nb][2 * r + 1]);
+#endif
+            }
+          }
+        }
+
+    }
+  };
+
   for (int it = 0; it < n_it; ++it) {
     const int stage = QS == 2 ? (it & 1) : 0;
     if (QS == 2 && it + 1 < n_it) {
@@ -164,6 +224,9 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
       cp_async_wait<kAsync, 0>();
     }
     __syncthreads();
+    if constexpr (Cfg::kDefer) {
+      if (it > 0) dq_part(it - 1);
+    }
     const int h = kvh * p.group + it / n_qt;
     const int r0 = (i_first + it % n_qt) * BMQ;
     const T* cQ = sQ + stage * BMQ * LDS;
@@ -238,7 +301,7 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
             const int e0 = (j & 1) * 2;
             pk[mt][kk][j] = pack2<T>(pf.x * (st[mt][nb][e0] - cD[col]), pf.y * (st[mt][nb][e0 + 1] - cD[col + 1]));
             if constexpr (kAtomicDq)
-              *reinterpret_cast<uint32_t*>(sdS + (kb + mt * 16 + (lane >> 2) + 8 * (j & 1)) * LDSS + col) = pk[mt][kk][j];
+              *reinterpret_cast<uint32_t*>(sdS + (Cfg::kDefer ? (it & 1) * BN * LDSS : 0) + (kb + mt * 16 + (lane >> 2) + 8 * (j & 1)) * LDSS + col) = pk[mt][kk][j];
           }
         }
     }
@@ -256,98 +319,20 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
         }
       }
     }
-    if constexpr (kAtomicDq) {
-      // dS (BMQ x BN) = (dS^T)^T through shared memory, then dQ_tile += dS K with fp32 atomics.
-      __syncthreads();
-      // Warp tile: kMQ x 16 query rows by kNCol head-dim columns (32 rows where the split allows:
-      // each K fragment then feeds two row blocks).
-      constexpr int kMQ = (BMQ % 32 == 0 && NW % (BMQ / 32) == 0 && (HD / (NW / (BMQ / 32))) % 16 == 0) ? 2 : 1;
-      constexpr int kMB = BMQ / (16 * kMQ);  // row blocks of the query tile
-      constexpr int kWPM = NW / kMB;         // warps per row block
-      constexpr int kNCol = HD / kWPM;       // head-dim columns per warp
-      static_assert(NW % kMB == 0 && kNCol % 16 == 0, "dq warp split");
-      const int mb = warp % kMB, c0 = (warp / kMB) * kNCol;
-      float dqa[kMQ][kNCol / 8][4];
-#pragma unroll
-      for (int m = 0; m < kMQ; ++m)
-#pragma unroll
-        for (int i = 0; i < kNCol / 8; ++i) dqa[m][i][0] = dqa[m][i][1] = dqa[m][i][2] = dqa[m][i][3] = 0.0f;
-#pragma unroll
-      for (int kk = 0; kk < BN / 16; ++kk) {
-        uint32_t a[kMQ][4];
-#pragma unroll
-        for (int m = 0; m < kMQ; ++m)
-          ldsm4_t(a[m], smem_u32(sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDSS + (mb * kMQ + m) * 16 +
-                                 ((lane >> 3) & 1) * 8));
-#pragma unroll
-        for (int nb2 = 0; nb2 < kNCol / 16; ++nb2) {
-          uint32_t b[4];
-          ldsm4_t(b, smem_u32(sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + c0 + nb2 * 16 + (lane >> 4) * 8));
-#pragma unroll
-          for (int m = 0; m < kMQ; ++m) {
-            mma16816<T, kSm75>(dqa[m][2 * nb2], a[m], b[0], b[1]);
-            mma16816<T, kSm75>(dqa[m][2 * nb2 + 1], a[m], b[2], b[3]);
-          }
-        }
-      }
-      int* sem = nullptr;  // kDq == 2: key tiles that have added into this (query tile, head)
-      if constexpr (kDq == 2) {
-        sem = p.dq_sem + (int64_t(seg_start) + r0) * NH + h;
-        if (lane == 0 && blockIdx.y > 0) {
-          while (ld_acquire_gpu(sem) < int(blockIdx.y)) {
-          }
-        }
-        __syncwarp();
-      }
-#if LT_ATTN_DQ_V4 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      // 16-byte atomics: lanes t, t^1 swap halves so that even t adds 4 columns of row g, odd t of row g + 8.
-      const bool odd = lane & 1;
-#pragma unroll
-      for (int m = 0; m < kMQ; ++m) {
-        const int row = r0 + (mb * kMQ + m) * 16 + (lane >> 2) + (odd ? 8 : 0);
-        float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3) - (odd ? 2 : 0);
-#pragma unroll
-        for (int nb = 0; nb < kNCol / 8; ++nb) {
-          const float* v = dqa[m][nb];
-          const float rx = __shfl_xor_sync(0xffffffffu, odd ? v[0] : v[2], 1);
-          const float ry = __shfl_xor_sync(0xffffffffu, odd ? v[1] : v[3], 1);
-          const float4 o = odd ? make_float4(rx, ry, v[2], v[3]) : make_float4(v[0], v[1], rx, ry);
-          if (row < seg_len) atomicAdd(reinterpret_cast<float4*>(dst + nb * 8), o);
-        }
-      }
-#else
-#pragma unroll
-      for (int m = 0; m < kMQ; ++m)
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          const int row = r0 + (mb * kMQ + m) * 16 + (lane >> 2) + 8 * r;
-          if (row < seg_len) {
-            float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3);
-#pragma unroll
-            for (int nb = 0; nb < kNCol / 8; ++nb) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-              atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(dqa[m][nb][2 * r], dqa[m][nb][2 * r + 1]));
-#else
-              atomicAdd(dst + nb * 8, dqa[m][nb][2 * r]);
-              atomicAdd(dst + nb * 8 + 1, dqa[m][nb][2 * r + 1]);
-#endif
-            }
-          }
-        }
-#endif
-      if constexpr (kDq == 2) {
-        __syncthreads();  // every warp's adds are issued
-        if (tid == 0) {
-          __threadfence();
-          st_release_gpu(sem, int(blockIdx.y) + 1);
-        }
-      }
+    if constexpr (kAtomicDq && !Cfg::kDefer) {
+      __syncthreads();  // dS complete
+      dq_part(it);
     }
     __syncthreads();  // this stage (and sP, sdS) is refilled next iteration
     if (QS == 1 && it + 1 < n_it) {
       load_q(it + 1, 0);
       cp_async_commit<kAsync>();
     }
+  }
+
+  if constexpr (Cfg::kDefer) {
+    __syncthreads();
+    dq_part(n_it - 1);  // n_it >= 1: the key tile's own diagonal query tile
   }
 
   const float osc = role == 0 ? 1.0f : p.scale;
@@ -566,28 +551,25 @@ __global__ void attn_bwd_convert_dq_kernel(T* dq, const float* acc, int64_t ldq,
 #define LT_ATTN_DQ_CFG64 4, 2, 32, 2
 #endif
 
-template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, int kDq>
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
 void launch_dkdv_mode(const BwdParams<T>& p, const dim3& grid, cudaStream_t stream) {
-  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kDq>;
-  auto kernel = attn_bwd_dkdv_kernel<T, HD, NW, BMQ, QS, kSm75, kDq>;
+  using Cfg = DkdvCfg<T, HD, NW, BMQ, QS, kSm75, kAtomicDq>;
+  auto kernel = attn_bwd_dkdv_kernel<T, HD, NW, BMQ, QS, kSm75, kAtomicDq>;
   set_smem_limit(kernel, Cfg::kSmem);
   kernel<<<grid, Cfg::NT, Cfg::kSmem, stream>>>(p);
   CUDA_CHECK_LAUNCH();
 }
 
 template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75>
-void launch_dkdv(int dq_mode, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen, int64_t num_segments,
+void launch_dkdv(bool atomic_dq, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen, int64_t num_segments,
                  cudaStream_t stream) {
   const int64_t tiles = (max_seqlen + 16 * NW - 1) / (16 * NW);
   if (tiles > 65535) throw ConfigError("attention: max_seqlen too large for one launch");
-  // blockIdx.y = key tile: ordered dQ (mode 2) relies on key tile j - 1 being dispatched before j.
   const dim3 grid{unsigned(NKV), unsigned(tiles), unsigned(num_segments)};
-  if (dq_mode == 2)
-    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, 2>(p, grid, stream);
-  else if (dq_mode == 1)
-    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, 1>(p, grid, stream);
+  if (atomic_dq)
+    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, true>(p, grid, stream);
   else
-    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, 0>(p, grid, stream);
+    launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, false>(p, grid, stream);
 }
 
 template <typename T, int HD, int NW, int MT, int BN, int KS, bool kSm75>
@@ -602,32 +584,26 @@ void launch_dq(const BwdParams<T>& p, int64_t max_seqlen, int64_t num_segments, 
   CUDA_CHECK_LAUNCH();
 }
 
-// dq_mode: 0 = separate dQ kernel, 1 / 2 = atomics fused into the dK/dV kernel (any order / key-tile order)
 template <typename T, int HD>
-void dispatch_bwd(AttentionKernel kind, int dq_mode, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen,
+void dispatch_bwd(AttentionKernel kind, bool atomic_dq, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen,
                   int64_t num_segments, cudaStream_t stream) {
+  const bool dq_kernel = !atomic_dq && !LT_ATTN_DIAG;
   if (kind == AttentionKernel::kTensorCoreSm75) {
     if constexpr (std::is_same_v<T, __half>) {
       // sm_75: at most 64 KB of shared memory per block, one query / KV stage.
-      launch_dkdv<T, HD, 4, 32, 1, true>(dq_mode, p, NKV, max_seqlen, num_segments, stream);
-      if (dq_mode == 0) launch_dq<T, HD, 4, 1, HD == 128 ? 32 : 64, 1, true>(p, max_seqlen, num_segments, stream);
+      launch_dkdv<T, HD, 4, 32, 1, true>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
+      if (dq_kernel) launch_dq<T, HD, 4, 1, HD == 128 ? 32 : 64, 1, true>(p, max_seqlen, num_segments, stream);
     }
     return;
   }
   if constexpr (HD == 128) {
-    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG128, false>(dq_mode, p, NKV, max_seqlen, num_segments, stream);
-    if (dq_mode == 0) launch_dq<T, HD, LT_ATTN_DQ_CFG128, false>(p, max_seqlen, num_segments, stream);
+    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG128, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
+    if (dq_kernel) launch_dq<T, HD, LT_ATTN_DQ_CFG128, false>(p, max_seqlen, num_segments, stream);
   } else {
-    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG64, false>(dq_mode, p, NKV, max_seqlen, num_segments, stream);
-    if (dq_mode == 0) launch_dq<T, HD, LT_ATTN_DQ_CFG64, false>(p, max_seqlen, num_segments, stream);
+    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG64, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
+    if (dq_kernel) launch_dq<T, HD, LT_ATTN_DQ_CFG64, false>(p, max_seqlen, num_segments, stream);
   }
 }
-
-// Deterministic dQ: 1 = fused into the dK/dV kernel with key-tile-ordered atomics, 0 = separate dQ kernel.
-#ifndef LT_ATTN_DET_FUSED
-#define LT_ATTN_DET_FUSED 0
-#endif
-int dq_mode_of(const AttentionOptions& opt) { return opt.nondeterministic_dq ? 1 : (LT_ATTN_DET_FUSED ? 2 : 0); }
 
 constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 
@@ -637,10 +613,8 @@ constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t attention_backward_workspace_bytes(int64_t T, int64_t NH, int64_t NKV, int64_t HD,
                                           const AttentionOptions& opt) {
   (void)NKV;
-  const int mode = attn_detail::dq_mode_of(opt);
   size_t bytes = attn_detail::align256(size_t(T) * size_t(NH) * sizeof(float));  // D
-  if (mode != 0) bytes += size_t(T) * size_t(NH) * size_t(HD) * sizeof(float);   // dq_accum
-  if (mode == 2) bytes += size_t(T) * size_t(NH) * sizeof(int);                  // dq_sem
+  if (opt.nondeterministic_dq) bytes += attn_detail::align256(size_t(T) * size_t(NH) * size_t(HD) * sizeof(float));
   return bytes;
 }
 
@@ -659,14 +633,10 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   if (T == 0 || num_segments == 0) return;
 
   float* D = static_cast<float*>(workspace);
-  const int dq_mode = dq_mode_of(opt);
   float* dq_accum = nullptr;
-  int* dq_sem = nullptr;
-  if (dq_mode != 0) {
+  if (opt.nondeterministic_dq) {
     dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(size_t(T) * NH * sizeof(float)));
-    if (dq_mode == 2) dq_sem = reinterpret_cast<int*>(dq_accum + size_t(T) * NH * HD);
-    CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * NH * (HD * sizeof(float) + (dq_mode == 2 ? sizeof(int) : 0)),
-                               stream));
+    CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * NH * HD * sizeof(float), stream));
   }
   const int64_t rows = T * NH;
   {
@@ -684,7 +654,6 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   p.dk = dk;
   p.dv = dv;
   p.dq_accum = dq_accum;
-  p.dq_sem = dq_sem;
   p.dout = dout;
   p.q = q;
   p.k = k;
@@ -701,11 +670,11 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   p.scale = float(1.0 / std::sqrt(double(HD)));
   p.scale_log2 = p.scale * kLog2e;
   if (HD == 128)
-    dispatch_bwd<scalar_t, 128>(kind, dq_mode, p, NKV, opt.max_seqlen, num_segments, stream);
+    dispatch_bwd<scalar_t, 128>(kind, opt.nondeterministic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
   else
-    dispatch_bwd<scalar_t, 64>(kind, dq_mode, p, NKV, opt.max_seqlen, num_segments, stream);
+    dispatch_bwd<scalar_t, 64>(kind, opt.nondeterministic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
 
-  if (dq_mode != 0) {
+  if (opt.nondeterministic_dq) {
     const int64_t pairs = rows * (HD / 2);
     const unsigned blocks = unsigned((pairs + 255) / 256);
     if (HD == 128)

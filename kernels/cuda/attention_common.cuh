@@ -176,8 +176,7 @@ struct FwdParams {
 template <typename T>
 struct BwdParams {
   T *dq, *dk, *dv;
-  float* dq_accum;  // dq through atomics (fused into the dK/dV kernel): fp32 (T, NH, HD), zeroed; else null
-  int* dq_sem;      // ordered (deterministic) atomics: (T, NH) counters, zeroed; else null
+  float* dq_accum;  // nondeterministic dq: fp32 (T, NH, HD), zeroed; else null
   const T *dout, *q, *k, *v, *out;
   const float* lse;
   const float* D;  // rowsum(dout * out), (T, NH)

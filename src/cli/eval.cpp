@@ -16,6 +16,7 @@
 #include "src/data/builtin_task.hpp"
 #include "src/model/hf_adapter.hpp"
 #include "src/model/llama_cpu.hpp"
+#include "src/train/device_engine.hpp"
 #include "src/train/evaluate.hpp"
 
 namespace po = boost::program_options;
@@ -24,10 +25,11 @@ namespace longtune::cli {
 
 int run_eval(int argc, char** argv) {
   po::options_description desc(
-      "longtune eval: mean loss and perplexity of a model over a dataset, on the CPU.\n"
+      "longtune eval: mean loss and perplexity of a model over a dataset, on the CPU or one GPU.\n"
       "Documents are read in file order and packed into seq_len sequences (docs/formats.md).\n"
-      "With no --model-dir / --data, the built-in tiny model (random init) and task are used.\n\nOptions");
-  std::string model_dir, data_path;
+      "With no --model-dir / --data, the built-in tiny model (random init) and task are used\n"
+      "(with --device cuda: its GPU variant, head_dim 64).\n\nOptions");
+  std::string model_dir, data_path, device = "cpu", dtype = "bf16", attention = "auto";
   int64_t seq_len = 0, micro_batch = 1, max_batches = 0, builtin_docs = 0;
   uint64_t seed = 0;
   desc.add_options()
@@ -38,13 +40,24 @@ int run_eval(int argc, char** argv) {
       ("micro-batch", po::value(&micro_batch)->default_value(1), "sequences per forward pass")
       ("max-batches", po::value(&max_batches)->default_value(0), "stop after this many micro-batches (0: all)")
       ("builtin-docs", po::value(&builtin_docs)->default_value(64), "documents of the built-in task")
-      ("seed", po::value(&seed)->default_value(1234), "seed of the built-in model and task");
+      ("seed", po::value(&seed)->default_value(1234), "seed of the built-in model and task")
+      ("device", po::value(&device)->default_value("cpu"), "cpu or cuda (the forward on one GPU)")
+      ("dtype", po::value(&dtype)->default_value("bf16"), "GPU compute dtype: bf16 or fp16")
+      ("attention", po::value(&attention)->default_value("auto"),
+       "GPU attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 only)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;  // --help
   if (seq_len < 2) throw ConfigError("--seq-len: expected an integer >= 2, got " + std::to_string(seq_len));
   if (micro_batch < 1) throw ConfigError("--micro-batch: expected an integer >= 1, got " + std::to_string(micro_batch));
   if (model_dir.empty() != data_path.empty() && data_path.empty())
     throw ConfigError("--model-dir given without --data: expected both, or neither for the built-in task");
+  if (device != "cpu" && device != "cuda") throw ConfigError("--device: expected cpu or cuda, got '" + device + "'");
+  if (dtype != "bf16" && dtype != "fp16") throw ConfigError("--dtype: expected bf16 or fp16, got '" + dtype + "'");
+  if (attention != "auto" && attention != "tensor-core" && attention != "sm75")
+    throw ConfigError("--attention: expected auto, tensor-core or sm75, got '" + attention + "'");
+  if (attention == "sm75" && dtype != "fp16")
+    throw ConfigError("--attention: expected --dtype fp16 with the sm75 kernel (it has no bf16), got --dtype " + dtype);
+  const bool on_gpu = device == "cuda";
 
   // Everything that can be wrong with the inputs is checked before any compute.
   LlamaConfig cfg;
@@ -59,7 +72,7 @@ int run_eval(int argc, char** argv) {
     load_hf_weights(SafetensorsDir(model_dir), *table, params.data());
     model_label = model_dir;
   } else {
-    cfg = builtin_model_config();
+    cfg = on_gpu ? builtin_model_config_gpu() : builtin_model_config();
     table = std::make_unique<ParamTable>(cfg);
     params.assign(size_t(table->total_elements()), 0.0f);
     builtin_init_weights(cfg, *table, seed, params.data());
@@ -72,6 +85,19 @@ int run_eval(int argc, char** argv) {
     data.path = "built-in copy task";
   }
 
+  // --device cuda: the GPU engine (src/gpu) through the trainer's interface, weights uploaded, forward
+  // only; a missing GPU or a model that does not fit is refused here, before any compute.
+  std::unique_ptr<DeviceEngine> engine;
+  if (on_gpu) {
+    DeviceEngineOptions opt;
+    opt.device = device;
+    opt.dtype = dtype;
+    opt.attention = attention;
+    opt.max_tokens = seq_len * micro_batch;
+    engine = make_device_engine(opt, cfg, *table);
+    engine->upload_state(params.data(), nullptr, nullptr);
+  }
+
   std::printf("[eval] model: %s\n", model_label.c_str());
   std::printf("[eval] %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, %.3f M parameters\n",
               (long long)cfg.num_hidden_layers, (long long)cfg.hidden_size, (long long)cfg.num_attention_heads,
@@ -80,9 +106,18 @@ int run_eval(int argc, char** argv) {
               data.path.c_str(), (long long)data.num_documents(), (long long)data.num_tokens(), (long long)seq_len,
               (long long)micro_batch, omp_get_max_threads());
 
-  LlamaCpu model(cfg, *table);
-  const auto t0 = std::chrono::steady_clock::now();
-  const EvalResult r = evaluate_dataset(model, params.data(), data, seq_len, micro_batch, max_batches);
+  EvalResult r;
+  std::chrono::steady_clock::time_point t0;
+  if (engine) {
+    std::printf("[eval] %s\n", engine->describe().c_str());
+    t0 = std::chrono::steady_clock::now();
+    r = evaluate_dataset([&](const PackedBatch& b) { return engine->evaluate(b); }, data, seq_len, micro_batch,
+                         max_batches);
+  } else {
+    LlamaCpu model(cfg, *table);
+    t0 = std::chrono::steady_clock::now();
+    r = evaluate_dataset(model, params.data(), data, seq_len, micro_batch, max_batches);
+  }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const LossSum& total = r.loss;
   const int64_t batches = r.micro_batches, tokens = r.tokens;

@@ -75,19 +75,31 @@ class GpuDeviceEngine final : public DeviceEngine {
 
 }  // namespace
 
-std::unique_ptr<DeviceEngine> make_device_engine(const TrainConfig& cfg, const LlamaConfig& model_cfg,
+void check_device(const TrainConfig& cfg) {
+  if (cuda::device_count() == 0)
+    throw ConfigError("--device cuda: expected a visible CUDA GPU, found none (CUDA_VISIBLE_DEVICES, driver?)");
+  if (cfg.dtype == "bf16") {
+    cudaDeviceProp p{};
+    CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
+    if (p.major < 8)
+      throw ConfigError("--dtype bf16: expected a GPU of compute capability 8.0 or newer, got " + std::string(p.name) +
+                        " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + "): use --dtype fp16");
+  }
+}
+
+std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, const LlamaConfig& model_cfg,
                                                  const ParamTable& table) {
   if (cuda::device_count() == 0)
     throw ConfigError("--device cuda: expected a visible CUDA GPU, found none (CUDA_VISIBLE_DEVICES, driver?)");
   gpu::GpuEngineOptions opt;
-  opt.model.compute_dtype = cfg.dtype == "fp16" ? DType::F16 : DType::BF16;
-  opt.model.max_tokens = cfg.seq_len * cfg.micro_batch;
-  opt.model.attention_kernel = gpu::attention_kernel_from_name(cfg.attention);
-  if (cfg.recompute == "layer") {
+  opt.model.compute_dtype = o.dtype == "fp16" ? DType::F16 : DType::BF16;
+  opt.model.max_tokens = o.max_tokens;
+  opt.model.attention_kernel = gpu::attention_kernel_from_name(o.attention);
+  if (o.recompute == "layer") {
     opt.model.recompute = gpu::Recompute::kLayer;
   } else {
     opt.model.recompute = gpu::Recompute::kNone;
-    if (cfg.recompute == "auto" && gpu::GpuEngine::plan(model_cfg, opt).total() > gpu::device_memory_info().free * 0.95)
+    if (o.recompute == "auto" && gpu::GpuEngine::plan(model_cfg, opt).total() > gpu::device_memory_info().free * 0.95)
       opt.model.recompute = gpu::Recompute::kLayer;
   }
   if (opt.model.compute_dtype == DType::BF16) {
@@ -97,7 +109,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const TrainConfig& cfg, const L
       throw ConfigError("--dtype bf16: expected a GPU of compute capability 8.0 or newer, got " + std::string(p.name) +
                         " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + "): use --dtype fp16");
   }
-  return std::make_unique<GpuDeviceEngine>(model_cfg, table, cfg.adamw, opt);
+  return std::make_unique<GpuDeviceEngine>(model_cfg, table, o.adamw, opt);
 }
 
 }  // namespace longtune

@@ -4,10 +4,26 @@
 
 namespace longtune {
 
+DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
+  DeviceEngineOptions o;
+  o.device = cfg.device;
+  o.dtype = cfg.dtype;
+  o.recompute = cfg.recompute;
+  o.attention = cfg.attention;
+  o.max_tokens = cfg.seq_len * cfg.micro_batch;
+  o.adamw = cfg.adamw;
+  return o;
+}
+
 #if !LONGTUNE_HAVE_CUDA
 // CPU-only build: src/gpu is not compiled.
-std::unique_ptr<DeviceEngine> make_device_engine(const TrainConfig& cfg, const LlamaConfig&, const ParamTable&) {
+void check_device(const TrainConfig& cfg) {
   throw ConfigError("--device " + cfg.device + ": expected cpu, this longtune was built without CUDA");
+}
+
+std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig&,
+                                                 const ParamTable&) {
+  throw ConfigError("--device " + opt.device + ": expected cpu, this longtune was built without CUDA");
 }
 #endif
 

@@ -42,9 +42,26 @@ class DeviceEngine {
   virtual double peak_flops() const = 0;
 };
 
-// The engine for cfg.device ("cuda"); throws ConfigError when this build or machine cannot run it,
+// Preflight for cfg.device ("cuda"), run before anything is loaded: a GPU is visible, this build has
+// CUDA, the dtype suits the GPU. Throws ConfigError.
+void check_device(const TrainConfig& cfg);
+
+// The options the engine is built from: `train`'s [gpu] section, or `eval`'s --device/--dtype/--attention.
+struct DeviceEngineOptions {
+  std::string device = "cuda";     // what the user asked for (the stub's error names it)
+  std::string dtype = "bf16";      // bf16 | fp16
+  std::string recompute = "auto";  // none | layer | auto (none when the plan fits)
+  std::string attention = "auto";  // auto | tensor-core | sm75
+  int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
+  AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)
+};
+
+// The engine options of a training run.
+DeviceEngineOptions device_engine_options(const TrainConfig& cfg);
+
+// The engine for opt.device ("cuda"); throws ConfigError when this build or machine cannot run it,
 // or when the run does not fit (with the memory plan's numbers), before any step.
-std::unique_ptr<DeviceEngine> make_device_engine(const TrainConfig& cfg, const LlamaConfig& model_cfg,
+std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig& model_cfg,
                                                  const ParamTable& table);
 
 }  // namespace longtune

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -45,16 +46,22 @@ std::string format_duration(double s) {
 }
 
 // Keeps only the metrics records of steps <= `step` (a resumed run repeats the later ones).
-void truncate_metrics(const fs::path& path, int64_t step) {
-  if (!fs::exists(path)) return;
+// Returns the held-out loss of the last evaluation record kept (NaN when there is none).
+double truncate_metrics(const fs::path& path, int64_t step) {
+  double last_eval_loss = std::nan("");
+  if (!fs::exists(path)) return last_eval_loss;
   std::ifstream in(path);
   std::string line, kept;
   while (std::getline(in, line)) {
     const auto pos = line.find("\"step\":");
     if (pos == std::string::npos) continue;
-    if (std::stoll(line.substr(pos + 7)) <= step) kept += line + "\n";
+    if (std::stoll(line.substr(pos + 7)) > step) continue;
+    kept += line + "\n";
+    const auto eval_pos = line.find("\"eval_loss\":");
+    if (eval_pos != std::string::npos) last_eval_loss = std::strtod(line.c_str() + eval_pos + 12, nullptr);
   }
   write_file_atomic(path.string(), kept);
+  return last_eval_loss;
 }
 
 }  // namespace
@@ -75,6 +82,7 @@ struct Trainer::Impl {
   int64_t start_step = 0, tokens_seen = 0, epoch = 0;
   PackerCursor cursor{};
   std::string run_id;
+  double last_eval_loss = std::nan("");  // latest held-out loss (rank 0), shown on the step lines
 
   Impl(TrainConfig c, Comm& cm) : cfg(std::move(c)), comm(cm), root(cm.rank() == 0), kokkos(cfg.threads) { setup(); }
   std::string broadcast_string(std::string s);
@@ -93,6 +101,7 @@ struct Trainer::Impl {
 };
 
 void Trainer::Impl::setup() {
+  if (cfg.device != "cpu") check_device(cfg);  // before anything is loaded or written
   // ---- model ----
   if (cfg.builtin_model()) {
     model_cfg = cfg.device == "cuda" ? builtin_model_config_gpu() : builtin_model_config();
@@ -168,7 +177,7 @@ void Trainer::Impl::setup() {
       throw ConfigError("--device cuda: expected one rank (multi-GPU runs need the NCCL backend), got " +
                         std::to_string(comm.size()) + " ranks");
     // Refuses a run that cannot fit, with the memory plan, before any step.
-    device = make_device_engine(cfg, model_cfg, *table);
+    device = make_device_engine(device_engine_options(cfg), model_cfg, *table);
     device->upload_state(state->master(), state->exp_avg(), state->exp_avg_sq());
     if (resumed && resumed_loss_scale > 0.0) device->set_loss_scale(resumed_loss_scale);
   }
@@ -218,7 +227,7 @@ bool Trainer::Impl::try_resume(double* loss_scale) {
   cursor = PackerCursor{ts.cursor_order_index, ts.cursor_offset_in_doc};
   run_id = ts.run_id;
   if (root) {
-    truncate_metrics(metrics_path, start_step);
+    last_eval_loss = truncate_metrics(metrics_path, start_step);
     std::printf("[train] resumed from %s at step %lld (written by %d rank%s, now %d)\n", ref->dir.c_str(),
                 (long long)start_step, ref->world_size, ref->world_size == 1 ? "" : "s", comm.size());
   }
@@ -290,6 +299,7 @@ void Trainer::Impl::evaluate(int64_t step, std::ofstream& metrics) {
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::printf("[eval] step %lld | held-out loss %.4f | perplexity %.3f%s | %.1fs\n", (long long)step,
               r.loss.mean(), std::exp(r.loss.mean()), extra_text.c_str(), secs);
+  last_eval_loss = r.loss.mean();
   metrics << "{\"step\":" << step << ",\"eval_loss\":" << r.loss.mean() << ",\"eval_perplexity\":"
           << std::exp(r.loss.mean()) << ",\"eval_targets\":" << r.loss.count << extra_json << "}\n";
   metrics.flush();
@@ -363,10 +373,16 @@ void Trainer::Impl::run() {
                       100.0 * mfu(window_tokens / window_secs), device->peak_memory_gib());
         gpu_part = buf;
       }
-      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | peak RSS %.0f MiB | ETA %s%s\n",
+      std::string eval_part;
+      if (std::isfinite(last_eval_loss)) {
+        char buf[64];
+        std::snprintf(buf, sizeof buf, " | eval loss %.4f ppl %.2f", last_eval_loss, std::exp(last_eval_loss));
+        eval_part = buf;
+      }
+      std::printf("step %5lld/%lld | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s%s | peak RSS %.0f MiB | ETA %s%s%s\n",
                   (long long)step, (long long)cfg.steps, r.loss.mean(), lr, r.optim.grad_norm,
                   window_tokens / window_secs, gpu_part.c_str(), peak_rss_mib(), format_duration(eta).c_str(),
-                  r.skipped ? (device && batch.global_targets > 0 ? " | skipped: fp16 overflow, loss scale halved"
+                  eval_part.c_str(), r.skipped ? (device && batch.global_targets > 0 ? " | skipped: fp16 overflow, loss scale halved"
                                                                   : " | skipped: no counted targets")
                             : "");
       std::fflush(stdout);
