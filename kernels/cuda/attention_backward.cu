@@ -1,11 +1,14 @@
 // Attention backward, FlashAttention-2 algorithm on mma.sync tensor cores (see attention.cuh).
 //
 //   1. preprocess: D = rowsum(dout * out), fp32 (T, NH), in the workspace.
-//   2. dK/dV kernel: one CTA per (KV tile of BN = 16 * NW keys, KV head, segment); warps work in
-//      pairs, each pair owning 32 keys. The CTA loops over every query head of its group and every
-//      query tile at or below the diagonal (cp.async double buffer of Q, dO, lse, D), recomputing P^T:
-//        warp 0 of a pair: S^T = K Q^T, P^T = exp2(S^T * scale*log2e - lse*log2e), dV += P^T dO;
-//        warp 1: dP^T = V dO^T, dS^T = P^T (dP^T - D) (P^T from warp 0 via shared memory), dK += dS^T Q.
+//   2. dK/dV kernel: one CTA per (KV tile of BN = 16 * NW keys, KV head, segment). The CTA loops over
+//      every query head of its group and every query tile at or below the diagonal (cp.async double
+//      buffer of Q, dO, lse, D), recomputing P^T from lse:
+//        S^T = K Q^T, P^T = exp2(S^T * scale*log2e - lse*log2e), dV += P^T dO,
+//        dP^T = V dO^T, dS^T = P^T (dP^T - D), dK += dS^T Q.
+//      HD 64 (2a): each warp owns 16 keys and runs all four products. HD 128 (2b): warps work in
+//      pairs on 32 keys, one warp S^T / P^T / dV, the other dP^T / dS^T / dK, P^T passed through
+//      shared memory (each Q / dO fragment then feeds 32 rows instead of 16).
 //      dK and dV stay in registers and are written once: no atomics, deterministic.
 //   3. dQ, deterministic (default): a separate kernel per (query tile, head, segment) walks the KV
 //      tiles and recomputes S, P, dP, dS; dQ += dS K in registers.
@@ -72,10 +75,248 @@ __device__ __forceinline__ float2 unpack2<__half>(uint32_t v) {
   return __half22float2(*reinterpret_cast<__half2*>(&v));
 }
 
-// Warps come in pairs; a pair owns 32 keys (two 16-row blocks, so every Q / dO fragment read from
-// shared memory feeds 32 rows). Warp 0 of a pair: S^T = K Q^T, P^T, dV += P^T dO. Warp 1: dP^T = V dO^T,
-// dS^T = P^T (dP^T - D) with P^T (16-bit, in fragment order) from warp 0 through shared memory,
-// dK += dS^T Q. Each warp keeps one 32 x HD accumulator in registers.
+// 2a. HD 64: each warp owns 16 keys and runs all four products itself (no pair barrier). For HD 64 the
+//     exp work per flop is twice HD 128's, and the paired kernel below, which serializes the exp
+//     between the two warps of a pair, measured slower here (det 13.1 vs 12.9 ms, nondet 14.7 vs 11.5 ms).
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
+struct Dkdv16Cfg {
+  static constexpr int BN = 16 * NW, NT = 32 * NW, LDS = HD + 8, LDSS = BMQ + 8;
+  static constexpr size_t kBytesT = size_t(2 * BN + 2 * QS * BMQ) * LDS * sizeof(T);
+  static constexpr size_t kBytesF = size_t(2 * QS * BMQ) * sizeof(float);
+  static constexpr size_t kBytesDs = kAtomicDq ? size_t(BN) * LDSS * sizeof(T) : 0;
+  static constexpr size_t kSmem = kBytesT + kBytesF + kBytesDs;
+};
+
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
+__global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv16_kernel(const BwdParams<T> p) {
+  using Cfg = Dkdv16Cfg<T, HD, NW, BMQ, QS, kSm75, kAtomicDq>;
+  constexpr int BN = Cfg::BN, NT = Cfg::NT, LDS = Cfg::LDS, LDSS = Cfg::LDSS;
+  constexpr bool kAsync = !kSm75;
+  static_assert(BMQ <= NT && BMQ % 16 == 0, "query tile");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + BN * LDS;
+  T* sQ = sV + BN * LDS;           // QS stages
+  T* sdO = sQ + QS * BMQ * LDS;    // QS stages
+  float* sL = reinterpret_cast<float*>(smem_raw + Cfg::kBytesT);  // QS stages of lse
+  float* sD = sL + QS * BMQ;                                        // QS stages of D
+  T* sdS = reinterpret_cast<T*>(smem_raw + Cfg::kBytesT + Cfg::kBytesF);
+
+  const int kvh = blockIdx.x;
+  const int seg_start = p.cu_seqlens[blockIdx.z];
+  const int seg_len = p.cu_seqlens[blockIdx.z + 1] - seg_start;
+  const int k0 = blockIdx.y * BN;  // key tile 0 has the most work and is scheduled first
+  if (k0 >= seg_len) return;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int NH = p.NH;
+  const int i_first = k0 / BMQ;
+  const int n_qt = (seg_len + BMQ - 1) / BMQ - i_first;
+  const int n_it = p.group * n_qt;
+  const float sl2 = p.scale_log2;
+
+  const T* gk = p.k + int64_t(seg_start) * p.ldk + int64_t(kvh) * HD;
+  const T* gv = p.v + int64_t(seg_start) * p.ldv + int64_t(kvh) * HD;
+  load_rows<BN, HD, NT, kAsync>(sK, LDS, gk, p.ldk, k0, seg_len, tid);
+  load_rows<BN, HD, NT, kAsync>(sV, LDS, gv, p.ldv, k0, seg_len, tid);
+
+  auto load_q = [&](int it, int stage) {
+    const int h = kvh * p.group + it / n_qt;
+    const int r0 = (i_first + it % n_qt) * BMQ;
+    const T* gq = p.q + int64_t(seg_start) * p.ldq + int64_t(h) * HD;
+    const T* gdo = p.dout + int64_t(seg_start) * NH * HD + int64_t(h) * HD;
+    load_rows<BMQ, HD, NT, kAsync>(sQ + stage * BMQ * LDS, LDS, gq, p.ldq, r0, seg_len, tid);
+    load_rows<BMQ, HD, NT, kAsync>(sdO + stage * BMQ * LDS, LDS, gdo, int64_t(NH) * HD, r0, seg_len, tid);
+    if (tid < BMQ) {
+      const int row = r0 + tid;
+      const bool valid = row < seg_len;
+      const int64_t idx = (int64_t(seg_start) + (valid ? row : 0)) * NH + h;
+      copy4<kAsync>(sL + stage * BMQ + tid, p.lse + idx, valid);
+      copy4<kAsync>(sD + stage * BMQ + tid, p.D + idx, valid);
+    }
+  };
+  // Query rows past the segment end load as zeros (q, dout, lse, D): their P is 1 but dO = 0 and
+  // dS = 1 * (0 - 0) = 0, so they add nothing to dK and dV and need no mask.
+  load_q(0, 0);
+  cp_async_commit<kAsync>();
+
+  float dk[HD / 8][4], dv[HD / 8][4];
+#pragma unroll
+  for (int i = 0; i < HD / 8; ++i) {
+    dk[i][0] = dk[i][1] = dk[i][2] = dk[i][3] = 0.0f;
+    dv[i][0] = dv[i][1] = dv[i][2] = dv[i][3] = 0.0f;
+  }
+  const int key_a = k0 + warp * 16 + (lane >> 2);  // this thread's keys: key_a, key_a + 8
+
+  for (int it = 0; it < n_it; ++it) {
+    const int stage = QS == 2 ? (it & 1) : 0;
+    if (QS == 2 && it + 1 < n_it) {
+      load_q(it + 1, stage ^ 1);
+      cp_async_commit<kAsync>();
+      cp_async_wait<kAsync, 1>();
+    } else {
+      cp_async_wait<kAsync, 0>();
+    }
+    __syncthreads();
+    const int h = kvh * p.group + it / n_qt;
+    const int r0 = (i_first + it % n_qt) * BMQ;
+    const T* cQ = sQ + stage * BMQ * LDS;
+    const T* cdO = sdO + stage * BMQ * LDS;
+    const float* cL = sL + stage * BMQ;
+    const float* cD = sD + stage * BMQ;
+
+    // S^T = K_w Q^T (16 keys x BMQ queries per warp)
+    float st[BMQ / 8][4];
+#pragma unroll
+    for (int i = 0; i < BMQ / 8; ++i) st[i][0] = st[i][1] = st[i][2] = st[i][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4];
+      ldsm4(a, smem_u32(sK + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+      for (int nb2 = 0; nb2 < BMQ / 16; ++nb2) {
+        uint32_t b[4];
+        ldsm4(b, smem_u32(cQ + (nb2 * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8));
+        mma16816<T, kSm75>(st[2 * nb2], a, b[0], b[1]);
+        mma16816<T, kSm75>(st[2 * nb2 + 1], a, b[2], b[3]);
+      }
+    }
+    // P^T, causal mask where some key of the tile is after some query of the tile
+    const bool need_mask = k0 + BN - 1 > r0;
+#pragma unroll
+    for (int nb = 0; nb < BMQ / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nb * 8 + 2 * (lane & 3) + (e & 1);
+        float pv = fast_exp2(fmaf(st[nb][e], sl2, -cL[col] * kLog2e));
+        if (need_mask && key_a + (e >> 1) * 8 > r0 + col) pv = 0.0f;
+        st[nb][e] = pv;
+      }
+    }
+    // dV += P^T dO
+#pragma unroll
+    for (int kk = 0; kk < BMQ / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
+                             pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                             pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+#pragma unroll
+      for (int nb2 = 0; nb2 < HD / 16; ++nb2) {
+        uint32_t b[4];
+        ldsm4_t(b, smem_u32(cdO + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + nb2 * 16 + (lane >> 4) * 8));
+        mma16816<T, kSm75>(dv[2 * nb2], a, b[0], b[1]);
+        mma16816<T, kSm75>(dv[2 * nb2 + 1], a, b[2], b[3]);
+      }
+    }
+    // dP^T = V_w dO^T
+    float dpt[BMQ / 8][4];
+#pragma unroll
+    for (int i = 0; i < BMQ / 8; ++i) dpt[i][0] = dpt[i][1] = dpt[i][2] = dpt[i][3] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; ++kk) {
+      uint32_t a[4];
+      ldsm4(a, smem_u32(sV + (warp * 16 + (lane & 15)) * LDS + kk * 16 + (lane >> 4) * 8));
+#pragma unroll
+      for (int nb2 = 0; nb2 < BMQ / 16; ++nb2) {
+        uint32_t b[4];
+        ldsm4(b, smem_u32(cdO + (nb2 * 16 + (lane >> 4) * 8 + (lane & 7)) * LDS + kk * 16 + ((lane >> 3) & 1) * 8));
+        mma16816<T, kSm75>(dpt[2 * nb2], a, b[0], b[1]);
+        mma16816<T, kSm75>(dpt[2 * nb2 + 1], a, b[2], b[3]);
+      }
+    }
+    // dS^T = P^T (dP^T - D)
+#pragma unroll
+    for (int nb = 0; nb < BMQ / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nb * 8 + 2 * (lane & 3) + (e & 1);
+        dpt[nb][e] = st[nb][e] * (dpt[nb][e] - cD[col]);
+      }
+    }
+    // dK += dS^T Q
+#pragma unroll
+    for (int kk = 0; kk < BMQ / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
+                             pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                             pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+      for (int nb2 = 0; nb2 < HD / 16; ++nb2) {
+        uint32_t b[4];
+        ldsm4_t(b, smem_u32(cQ + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + nb2 * 16 + (lane >> 4) * 8));
+        mma16816<T, kSm75>(dk[2 * nb2], a, b[0], b[1]);
+        mma16816<T, kSm75>(dk[2 * nb2 + 1], a, b[2], b[3]);
+      }
+    }
+    if constexpr (kAtomicDq) {
+      // dS (BMQ x BN) = (dS^T)^T through shared memory, then dQ_tile += dS K with fp32 atomics.
+#pragma unroll
+      for (int nb = 0; nb < BMQ / 8; ++nb)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          *reinterpret_cast<uint32_t*>(sdS + (warp * 16 + (lane >> 2) + 8 * r) * LDSS + nb * 8 + 2 * (lane & 3)) =
+              pack2<T>(dpt[nb][2 * r], dpt[nb][2 * r + 1]);
+      __syncthreads();
+      constexpr int kMB = BMQ / 16;       // 16-row blocks of the query tile
+      constexpr int kWPM = NW / kMB;      // warps per row block
+      constexpr int kNCol = HD / kWPM;    // head-dim columns per warp
+      static_assert(NW % kMB == 0 && kNCol % 16 == 0, "dq warp split");
+      const int mb = warp % kMB, c0 = (warp / kMB) * kNCol;
+      float acc[kNCol / 8][4];
+#pragma unroll
+      for (int i = 0; i < kNCol / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < BN / 16; ++kk) {
+        uint32_t a[4];
+        ldsm4_t(a, smem_u32(sdS + (kk * 16 + (lane >> 4) * 8 + (lane & 7)) * LDSS + mb * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int nb2 = 0; nb2 < kNCol / 16; ++nb2) {
+          uint32_t b[4];
+          ldsm4_t(b, smem_u32(sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + c0 + nb2 * 16 + (lane >> 4) * 8));
+          mma16816<T, kSm75>(acc[2 * nb2], a, b[0], b[1]);
+          mma16816<T, kSm75>(acc[2 * nb2 + 1], a, b[2], b[3]);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int row = r0 + mb * 16 + (lane >> 2) + 8 * r;
+        if (!LT_ATTN_DIAG && row < seg_len) {
+          float* dst = p.dq_accum + ((int64_t(seg_start) + row) * NH + h) * HD + c0 + 2 * (lane & 3);
+#pragma unroll
+          for (int nb = 0; nb < kNCol / 8; ++nb) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            atomicAdd(reinterpret_cast<float2*>(dst + nb * 8), make_float2(acc[nb][2 * r], acc[nb][2 * r + 1]));
+#else
+            atomicAdd(dst + nb * 8, acc[nb][2 * r]);
+            atomicAdd(dst + nb * 8 + 1, acc[nb][2 * r + 1]);
+#endif
+          }
+        }
+      }
+    }
+    __syncthreads();  // this stage (and sdS) is refilled next iteration
+    if (QS == 1 && it + 1 < n_it) {
+      load_q(it + 1, 0);
+      cp_async_commit<kAsync>();
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key_a + 8 * r;
+    if (key < seg_len) {
+      T* dkp = p.dk + (int64_t(seg_start) + key) * p.ldk + int64_t(kvh) * HD + 2 * (lane & 3);
+      T* dvp = p.dv + (int64_t(seg_start) + key) * p.ldv + int64_t(kvh) * HD + 2 * (lane & 3);
+#pragma unroll
+      for (int nb = 0; nb < HD / 8; ++nb) {
+        *reinterpret_cast<uint32_t*>(dkp + nb * 8) = pack2<T>(dk[nb][2 * r] * p.scale, dk[nb][2 * r + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(dvp + nb * 8) = pack2<T>(dv[nb][2 * r], dv[nb][2 * r + 1]);
+      }
+    }
+  }
+}
+
+// 2b. HD 128: warps come in pairs; a pair owns 32 keys (two 16-row blocks, so every Q / dO fragment
+// read from shared memory feeds 32 rows). Warp 0 of a pair: S^T = K Q^T, P^T, dV += P^T dO. Warp 1:
+// dP^T = V dO^T, dS^T = P^T (dP^T - D) with P^T (16-bit, in fragment order) from warp 0 through shared
+// memory, dK += dS^T Q. Each warp keeps one 32 x HD accumulator in registers.
 // kAtomicDq: dS also goes to shared memory and dQ += dS K is added into dq_accum with fp32 atomics.
 template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75, bool kAtomicDq>
 struct DkdvCfg {
@@ -163,7 +404,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
       const T* sdSb = sdS + (Cfg::kDefer ? (itq & 1) * BN * LDSS : 0);
       // Warp tile: kMQ x 16 query rows by kNCol head-dim columns (32 rows where the split allows:
       // each K fragment then feeds two row blocks).
-      constexpr int kMQ = (LT_ATTN_DQ_MQ2 && BMQ % 32 == 0 && NW % (BMQ / 32) == 0 && (HD / (NW / (BMQ / 32))) % 16 == 0) ? 2 : 1;
+      constexpr int kMQ =
+          (LT_ATTN_DQ_MQ2 && BMQ % 32 == 0 && NW % (BMQ / 32) == 0 && (HD / (NW / (BMQ / 32))) % 16 == 0) ? 2 : 1;
       constexpr int kMB = BMQ / (16 * kMQ);  // row blocks of the query tile
       constexpr int kWPM = NW / kMB;         // warps per row block
       constexpr int kNCol = HD / kWPM;       // head-dim columns per warp
@@ -184,7 +426,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
 #pragma unroll
         for (int nb2 = 0; nb2 < kNCol / 16; ++nb2) {
           uint32_t b[4];
-          ldsm4_t(b, smem_u32(sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + c0 + nb2 * 16 + (lane >> 4) * 8));
+          ldsm4_t(b, smem_u32(sK + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * LDS + c0 + nb2 * 16 +
+                              (lane >> 4) * 8));
 #pragma unroll
           for (int m = 0; m < kMQ; ++m) {
             mma16816<T, kSm75>(dqa[m][2 * nb2], a[m], b[0], b[1]);
@@ -301,7 +544,8 @@ __global__ void __launch_bounds__(NW * 32) attn_bwd_dkdv_kernel(const BwdParams<
             const int e0 = (j & 1) * 2;
             pk[mt][kk][j] = pack2<T>(pf.x * (st[mt][nb][e0] - cD[col]), pf.y * (st[mt][nb][e0 + 1] - cD[col + 1]));
             if constexpr (kAtomicDq)
-              *reinterpret_cast<uint32_t*>(sdS + (Cfg::kDefer ? (it & 1) * BN * LDSS : 0) + (kb + mt * 16 + (lane >> 2) + 8 * (j & 1)) * LDSS + col) = pk[mt][kk][j];
+              *reinterpret_cast<uint32_t*>(sdS + (Cfg::kDefer ? (it & 1) * BN * LDSS : 0) +
+                                           (kb + mt * 16 + (lane >> 2) + 8 * (j & 1)) * LDSS + col) = pk[mt][kk][j];
           }
         }
     }
@@ -572,6 +816,26 @@ void launch_dkdv(bool atomic_dq, const BwdParams<T>& p, int64_t NKV, int64_t max
     launch_dkdv_mode<T, HD, NW, BMQ, QS, kSm75, false>(p, grid, stream);
 }
 
+template <typename T, int HD, int NW, int BMQ, int QS, bool kSm75>
+void launch_dkdv16(bool atomic_dq, const BwdParams<T>& p, int64_t NKV, int64_t max_seqlen, int64_t num_segments,
+                 cudaStream_t stream) {
+  const int64_t tiles = (max_seqlen + 16 * NW - 1) / (16 * NW);
+  if (tiles > 65535) throw ConfigError("attention: max_seqlen too large for one launch");
+  const dim3 grid{unsigned(NKV), unsigned(tiles), unsigned(num_segments)};
+  if (atomic_dq) {
+    using Cfg = Dkdv16Cfg<T, HD, NW, BMQ, QS, kSm75, true>;
+    auto kernel = attn_bwd_dkdv16_kernel<T, HD, NW, BMQ, QS, kSm75, true>;
+    set_smem_limit(kernel, Cfg::kSmem);
+    kernel<<<grid, Cfg::NT, Cfg::kSmem, stream>>>(p);
+  } else {
+    using Cfg = Dkdv16Cfg<T, HD, NW, BMQ, QS, kSm75, false>;
+    auto kernel = attn_bwd_dkdv16_kernel<T, HD, NW, BMQ, QS, kSm75, false>;
+    set_smem_limit(kernel, Cfg::kSmem);
+    kernel<<<grid, Cfg::NT, Cfg::kSmem, stream>>>(p);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
 template <typename T, int HD, int NW, int MT, int BN, int KS, bool kSm75>
 void launch_dq(const BwdParams<T>& p, int64_t max_seqlen, int64_t num_segments, cudaStream_t stream) {
   using Cfg = DqCfg<T, HD, NW, MT, BN, KS, kSm75>;
@@ -591,7 +855,10 @@ void dispatch_bwd(AttentionKernel kind, bool atomic_dq, const BwdParams<T>& p, i
   if (kind == AttentionKernel::kTensorCoreSm75) {
     if constexpr (std::is_same_v<T, __half>) {
       // sm_75: at most 64 KB of shared memory per block, one query / KV stage.
-      launch_dkdv<T, HD, 4, 32, 1, true>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
+      if constexpr (HD == 128)
+        launch_dkdv<T, HD, 4, 32, 1, true>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
+      else
+        launch_dkdv16<T, HD, 4, 32, 1, true>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
       if (dq_kernel) launch_dq<T, HD, 4, 1, HD == 128 ? 32 : 64, 1, true>(p, max_seqlen, num_segments, stream);
     }
     return;
@@ -600,7 +867,7 @@ void dispatch_bwd(AttentionKernel kind, bool atomic_dq, const BwdParams<T>& p, i
     launch_dkdv<T, HD, LT_ATTN_DKDV_CFG128, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
     if (dq_kernel) launch_dq<T, HD, LT_ATTN_DQ_CFG128, false>(p, max_seqlen, num_segments, stream);
   } else {
-    launch_dkdv<T, HD, LT_ATTN_DKDV_CFG64, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
+    launch_dkdv16<T, HD, LT_ATTN_DKDV_CFG64, false>(atomic_dq, p, NKV, max_seqlen, num_segments, stream);
     if (dq_kernel) launch_dq<T, HD, LT_ATTN_DQ_CFG64, false>(p, max_seqlen, num_segments, stream);
   }
 }

@@ -36,10 +36,10 @@ LlamaConfig builtin_model_config() {
 
 LlamaConfig builtin_model_config_gpu() {
   LlamaConfig c = builtin_model_config();
-  c.hidden_size = 256;
-  c.intermediate_size = 512;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
   c.head_dim = 64;
   return c;
 }

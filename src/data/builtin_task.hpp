@@ -67,7 +67,10 @@ inline constexpr int64_t kBuiltinMaxHaystack = kBuiltinMaxDocLength - 3 * kBuilt
 // The tiny built-in Llama described above.
 LlamaConfig builtin_model_config();
 // Its GPU variant: the CUDA attention runs head_dim 64 and 128 only, so `train --device cuda`
-// uses the same head layout (4 query / 2 KV heads) at head_dim 64: hidden 256, intermediate 512.
+// uses hidden 128 as 2 query heads / 1 KV head of 64 (intermediate 256), same vocabulary and task.
+// Not tuned like the CPU model: after the default 600 steps it reaches 26% held-out retrieval
+// accuracy on an H200 (the 4 x 64-head variant at hidden 256 reached 7%), against 75% for the CPU
+// model.
 LlamaConfig builtin_model_config_gpu();
 
 // Deterministic initialization of the flat fp32 parameter buffer `flat` (table.total_elements()

@@ -23,6 +23,13 @@ for part in "$@"; do
         "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan"
         python3 "$dir/anchor_torch.py" train "$1" "$2" gpu 2>&1 | tee -a "$out/bench_anchor.log" | grep -E "RESULT|Error"
       done ;;
+    eval)
+      "$dir/bin/longtune" eval --device cuda --model-dir tests/fixtures/golden/gqa_hd64_gpu --data tests/fixtures/tiny_dataset.h5 \
+        --seq-len 32 2>&1 | tee "$out/eval_gpu.log" | tail -2
+      "$dir/bin/longtune" eval --model-dir tests/fixtures/golden/gqa_hd64_gpu --data tests/fixtures/tiny_dataset.h5 \
+        --seq-len 32 2>&1 | tee -a "$out/eval_gpu.log" | tail -1 ;;
+    nondet)
+      "$dir/bin/longtune" bench train --model 1b --seq-len 16384 --nondeterministic-attention 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT \{" ;;
     bench1b)
       "$dir/bin/longtune" bench train --model 1b --seq-len 16384 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
     kernels)
