@@ -33,6 +33,10 @@ packages=(
   nlohmann-json3-dev
   python3
   python3-matplotlib
+  # Slurm for the one-machine test cluster (slurm/local-cluster, docs/slurm.md); srun --mpi=pmix
+  # needs Slurm's PMIx plugin (in slurm-wlm) and libpmix2. The packages' system services are not
+  # used: start.sh runs private daemons.
+  slurm-wlm munge libpmix2
 )
 
 missing=()

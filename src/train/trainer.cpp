@@ -24,6 +24,7 @@
 #include "src/train/device_engine.hpp"
 #include "src/train/evaluate.hpp"
 #include "src/train/sharded_state.hpp"
+#include "src/train/stop_signal.hpp"
 
 namespace fs = std::filesystem;
 
@@ -91,7 +92,7 @@ struct Trainer::Impl {
   void save_checkpoint(int64_t step);
   void evaluate(int64_t step, std::ofstream& metrics);
   void report_host_memory();
-  void run();
+  TrainOutcome run();
   // Model FLOP utilization at `tokens_per_s` (GPU runs; the brief's FLOP count at seq_len).
   double mfu(double tokens_per_s) const {
     return device ? tokens_per_s * model_flops_per_token(model_cfg, cfg.seq_len) / device->peak_flops() : 0.0;
@@ -305,7 +306,7 @@ void Trainer::Impl::evaluate(int64_t step, std::ofstream& metrics) {
   metrics.flush();
 }
 
-void Trainer::Impl::run() {
+TrainOutcome Trainer::Impl::run() {
   if (root) std::printf("[train] model: %s | %lld layers, hidden %lld, heads %lld/%lld, vocab %lld, %.3f M parameters\n",
               cfg.builtin_model() ? "built-in tiny Llama" : cfg.model_dir.c_str(),
               (long long)model_cfg.num_hidden_layers, (long long)model_cfg.hidden_size,
@@ -389,12 +390,33 @@ void Trainer::Impl::run() {
       window_tokens = window_secs = 0;
     }
     if (cfg.eval_every > 0 && step % cfg.eval_every == 0 && step != cfg.steps) evaluate(step, metrics);
-    if ((cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last_step) save_checkpoint(step);
+    const bool saved = (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0) || step == last_step;
+    if (saved) save_checkpoint(step);
+    // Stop request (docs/slurm.md): the signal may have reached only one rank (`scancel --signal`
+    // to the batch step, one forwarded kill), so the ranks agree by a max over their flags -- one
+    // scalar per step -- and every rank stops after this same step. At the last step the run ends
+    // anyway, with its checkpoint, and exits 0: nothing left to requeue.
+    double signo = double(stop_signal_received());
+    comm.all_reduce_max(&signo, 1);
+    if (signo > 0 && step < last_step) {
+      if (root) {
+        std::printf("[train] signal %s: checkpointing step %lld and exiting for requeue (exit %d)\n",
+                    signal_name(int(signo)).c_str(), (long long)step, kExitRequeue);
+        std::fflush(stdout);
+      }
+      if (!saved) save_checkpoint(step);
+      if (root) {
+        std::printf("[train] checkpoint of step %lld in %s; `longtune train` with the same run dir resumes\n",
+                    (long long)step, ckpt_dir.c_str());
+        std::fflush(stdout);
+      }
+      return TrainOutcome{int(signo), step};
+    }
   }
   if (last_step < cfg.steps) {
     if (root) std::printf("[train] stopped after step %lld of %lld (--stop-after); `longtune train` with the same run dir resumes\n",
                 (long long)last_step, (long long)cfg.steps);
-    return;
+    return TrainOutcome{0, last_step};
   }
   if (start_step < cfg.steps) evaluate(cfg.steps, metrics);
   const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count();
@@ -403,6 +425,7 @@ void Trainer::Impl::run() {
                 (long long)(cfg.steps - start_step), format_duration(total).c_str(), (long long)tokens_seen,
                 ckpt_dir.c_str());
   report_host_memory();
+  return TrainOutcome{0, cfg.steps};
 }
 
 // Host memory of every rank (what `numastat -p` shows, summed over nodes) and of its optimizer
@@ -427,6 +450,6 @@ void Trainer::Impl::report_host_memory() {
 
 Trainer::Trainer(TrainConfig cfg, Comm& comm) : impl_(std::make_unique<Impl>(std::move(cfg), comm)) {}
 Trainer::~Trainer() = default;
-void Trainer::run() { impl_->run(); }
+TrainOutcome Trainer::run() { return impl_->run(); }
 
 }  // namespace longtune

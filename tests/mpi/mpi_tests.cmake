@@ -25,4 +25,20 @@ if(Python3_Interpreter_FOUND)
     set_tests_properties(crash.sigkill_np${np} PROPERTIES TIMEOUT ${timeout} PROCESSORS 2 RUN_SERIAL TRUE
       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;OMP_WAIT_POLICY=PASSIVE;OMPI_MCA_rmaps_base_oversubscribe=1")
   endforeach()
+  # Stop on SIGUSR1/SIGTERM (tests/crash/signal_test.py, docs/slurm.md): one rank or mpirun signalled,
+  # exit 75 with a checkpoint of the same step on every rank, resume byte-identical; a second signal
+  # exits 76 at once and leaves the saved checkpoints usable.
+  add_test(NAME crash.signal_np2
+           COMMAND ${Python3_EXECUTABLE} ${CMAKE_CURRENT_SOURCE_DIR}/../crash/signal_test.py --longtune $<TARGET_FILE:longtune>
+                   --ranks 2 --mpirun ${MPIEXEC_EXECUTABLE})
+  set_tests_properties(crash.signal_np2 PROPERTIES TIMEOUT 180 PROCESSORS 2 RUN_SERIAL TRUE
+    ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;OMP_WAIT_POLICY=PASSIVE;OMPI_MCA_rmaps_base_oversubscribe=1")
+  # Slurm preemption (tests/slurm/preempt_requeue.py, docs/slurm.md): a one-machine cluster
+  # (slurm/local-cluster), jobs/cpu-smoke.slurm signalled, checkpointed, requeued, resumed,
+  # byte-identical. Skipped (77) when Slurm/munge are missing or the cluster cannot start.
+  add_test(NAME slurm.preempt_requeue
+           COMMAND ${Python3_EXECUTABLE} ${PROJECT_SOURCE_DIR}/tests/slurm/preempt_requeue.py --longtune $<TARGET_FILE:longtune>
+                   --repo ${PROJECT_SOURCE_DIR} --workdir ${CMAKE_CURRENT_BINARY_DIR}/slurm-preempt --mpirun ${MPIEXEC_EXECUTABLE})
+  set_tests_properties(slurm.preempt_requeue PROPERTIES TIMEOUT 200 PROCESSORS 2 RUN_SERIAL TRUE SKIP_RETURN_CODE 77
+    ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;OMP_WAIT_POLICY=PASSIVE;OMPI_MCA_rmaps_base_oversubscribe=1")
 endif()
