@@ -2,6 +2,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "io/json_util.hpp"
 #include "io/llama3_pretokenizer.hpp"
 #include "io/utf8.hpp"
 
@@ -11,25 +12,7 @@ using json = nlohmann::json;
 
 namespace {
 
-// A JSON value for "got ..." texts, as io/json_util.hpp words it (that header is internal to
-// longtune_io).
-std::string describe(const json& v) {
-  std::string kind;
-  switch (v.type()) {
-    case json::value_t::null: return "null";
-    case json::value_t::boolean: kind = "boolean"; break;
-    case json::value_t::number_integer:
-    case json::value_t::number_unsigned: kind = "integer"; break;
-    case json::value_t::number_float: kind = "float"; break;
-    case json::value_t::string: kind = "string"; break;
-    case json::value_t::array: kind = "array"; break;
-    case json::value_t::object: kind = "object"; break;
-    default: kind = "value"; break;
-  }
-  std::string text = v.dump(-1, ' ', false, json::error_handler_t::replace);
-  if (text.size() > 60) text = text.substr(0, 57) + "...";
-  return kind + " " + text;
-}
+using jsonutil::describe;
 
 bool fail(RecordProblem* p, std::string field, std::string expected, std::string got) {
   *p = RecordProblem{std::move(field), std::move(expected), std::move(got)};

@@ -120,6 +120,26 @@ struct DtypeName {
   }
 };
 
+// The storage types every kernel is instantiated for, for TYPED_TEST_SUITE(..., StorageTypes, DtypeName).
+using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
+
+// Fast random inputs for the large tests (hundreds of millions of values): uniform with the given
+// mean and standard deviation, from a splitmix64 stream seeded by rng.
+inline std::vector<float> fast_random(size_t n, std::mt19937& rng, float mean = 0.0f, float stddev = 1.0f) {
+  uint64_t state = (uint64_t(rng()) << 32) ^ rng();
+  const float half_width = 1.7320508f * stddev;  // uniform on [-a, a] has stddev a / sqrt(3)
+  std::vector<float> v(n);
+  for (auto& x : v) {
+    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    z ^= z >> 31;
+    const float u = float(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    x = mean + half_width * (2.0f * u - 1.0f);
+  }
+  return v;
+}
+
 // Fills n elements of device memory with all-ones bytes: NaN in f32, bf16 and f16 alike, so an
 // element a kernel should write but does not fails the comparison.
 template <typename T>

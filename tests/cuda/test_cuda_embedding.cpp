@@ -15,7 +15,7 @@ namespace {
 
 template <typename T>
 class CudaEmbedding : public ::testing::Test {};
-using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
+using longtune::test::StorageTypes;
 TYPED_TEST_SUITE(CudaEmbedding, StorageTypes, DtypeName);
 
 enum class Tokens { Uniform, FewIds, AllSame, Runs };

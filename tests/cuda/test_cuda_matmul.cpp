@@ -19,6 +19,9 @@
 
 using namespace longtune;
 using longtune::test::DeviceBuffer;
+using longtune::test::DtypeName;
+using longtune::test::fast_random;
+using longtune::test::StorageTypes;
 using longtune::test::from_device_dtype;
 using longtune::test::rel_error;
 using longtune::test::round_to_dtype;
@@ -27,23 +30,6 @@ using longtune::test::to_device_dtype;
 namespace {
 
 using Vec = std::vector<float>;
-
-// Fast random inputs (the largest tests draw 2.6e8 values): uniform with the given mean and
-// standard deviation, from a splitmix64 stream seeded by rng.
-Vec fast_random(size_t n, std::mt19937& rng, float mean = 0.0f, float stddev = 1.0f) {
-  uint64_t state = (uint64_t(rng()) << 32) ^ rng();
-  const float half_width = 1.7320508f * stddev;  // uniform on [-a, a] has stddev a / sqrt(3)
-  Vec v(n);
-  for (auto& x : v) {
-    uint64_t z = (state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    const float u = float(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
-    x = mean + half_width * (2.0f * u - 1.0f);
-  }
-  return v;
-}
 
 // Relative tolerance (of the norm) of a storage-type output; fp32 outputs (dweight) get kF32Tol
 // from fp32 inputs and kAccTol<S> from rounded 16-bit inputs (exact products, fp32 sums).
@@ -54,19 +40,9 @@ template <typename S> constexpr double kAccTol = 1e-5;
 template <> constexpr double kAccTol<__nv_bfloat16> = 1e-4;
 template <> constexpr double kAccTol<__half> = 1e-4;
 
-struct TypeNames {
-  template <typename S>
-  static std::string GetName(int) {
-    if (std::is_same_v<S, float>) return "f32";
-    if (std::is_same_v<S, __nv_bfloat16>) return "bf16";
-    return "f16";
-  }
-};
-
 template <typename S>
 class CudaMatmul : public ::testing::Test {};
-using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
-TYPED_TEST_SUITE(CudaMatmul, StorageTypes, TypeNames);
+TYPED_TEST_SUITE(CudaMatmul, StorageTypes, DtypeName);
 
 struct Shape { int64_t T, C, OC; };
 const Shape kShapes[] = {{1, 64, 96},       {7, 64, 1000},       {333, 64, 96},   {7, 2048, 1000},

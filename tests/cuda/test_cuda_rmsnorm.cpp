@@ -20,7 +20,7 @@ constexpr float kEps = 1e-5f;
 
 template <typename T>
 class CudaRmsnorm : public ::testing::Test {};
-using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
+using longtune::test::StorageTypes;
 TYPED_TEST_SUITE(CudaRmsnorm, StorageTypes, DtypeName);
 
 std::string trace(const Shape& s) { return "T=" + std::to_string(s.T) + " C=" + std::to_string(s.C); }

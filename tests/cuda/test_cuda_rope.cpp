@@ -15,7 +15,7 @@ namespace {
 
 template <typename T>
 class CudaRope : public ::testing::Test {};
-using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
+using longtune::test::StorageTypes;
 TYPED_TEST_SUITE(CudaRope, StorageTypes, DtypeName);
 
 struct Case {

@@ -14,7 +14,7 @@ namespace {
 
 template <typename T>
 class CudaSwiglu : public ::testing::Test {};
-using StorageTypes = ::testing::Types<float, __nv_bfloat16, __half>;
+using longtune::test::StorageTypes;
 TYPED_TEST_SUITE(CudaSwiglu, StorageTypes, DtypeName);
 
 struct Case {
