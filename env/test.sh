@@ -18,10 +18,11 @@ echo "== build (ASan + UBSan, CPU path) =="
 env/build.sh asan
 echo "== tests under sanitizers =="
 # The minute-long learning test (BuiltinTraining) exercises no code the other tests do not; it
-# runs in the normal build only, as do the crash tests (they test the checkpoint protocol under
-# SIGKILL, not memory safety).
+# runs in the normal build only, as do the crash and Slurm tests (they test the checkpoint protocol
+# under SIGKILL and preemption through mpirun/srun, not memory safety; under LeakSanitizer they
+# would only report Open MPI's own one-time allocations).
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-  ctest --test-dir build/asan --output-on-failure -E '^(BuiltinTraining|mpi\.|crash\.)'
+  ctest --test-dir build/asan --output-on-failure -E '^(BuiltinTraining|mpi\.|crash\.|slurm\.)'
 # MPI tests with every ASan/UBSan check except leaks: Open MPI keeps one-time allocations in
 # plugins it unloads at MPI_Finalize, whose stacks LeakSanitizer cannot attribute (no frames to
 # suppress by name). Leak checking of project code is covered by the run above.
