@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's suite, in one call (device time is scarce): GPU tests, a GPU training run of
 # the built-in task, then `longtune bench train` beside the PyTorch anchor on the same GPU.
-#   tests/bench/gpu_suite.sh DIR [tests|train|bench|attn ...]
+#   tests/bench/gpu_suite.sh DIR [tests|eval|train|resume|bench|nondet|attn|kernels ...]
 # DIR holds bin/ and lib/ as env/pack-device.sh gathers them (plus anchor_torch.py / anchor_attn.py
 # for the bench parts). Logs go to $OUT (or /tmp/gpu_suite).
 set -uo pipefail
@@ -30,6 +30,20 @@ for part in "$@"; do
         --seq-len 32 2>&1 | tee -a "$out/eval_gpu.log" | tail -1 ;;
     nondet)
       "$dir/bin/longtune" bench train --model 1b --seq-len 16384 --nondeterministic-attention 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT \{" ;;
+    resume)
+      # N steps straight vs N/2 + stop + resume: exported weights must be byte-identical.
+      for variant in "bf16 auto" "fp16 auto" "fp16 sm75"; do
+        set -- $variant
+        a=/tmp/rc-$1-$2-a; b=/tmp/rc-$1-$2-b; rm -rf $a $b
+        common="--device cuda --dtype $1 --attention $2 --steps 40 --eval-every -1 --log-every 20"
+        "$dir/bin/longtune" train $common --run-dir $a > $a.log 2>&1
+        "$dir/bin/longtune" train $common --run-dir $b --stop-after 20 > $b.log 2>&1
+        "$dir/bin/longtune" train $common --run-dir $b >> $b.log 2>&1
+        "$dir/bin/longtune" export --run-dir $a --out $a/hf --dtype fp32 > /dev/null
+        "$dir/bin/longtune" export --run-dir $b --out $b/hf --dtype fp32 > /dev/null
+        if cmp -s $a/hf/model.safetensors $b/hf/model.safetensors; then r=IDENTICAL; else r=DIFFERENT; fi
+        echo "resume $1 attention=$2: 40 steps straight vs 20 + stop + resume: $r" | tee -a "$out/resume.log"
+      done ;;
     bench1b)
       "$dir/bin/longtune" bench train --model 1b --seq-len 16384 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
     kernels)
