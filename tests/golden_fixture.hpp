@@ -5,12 +5,15 @@
 
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "io/safetensors.hpp"
+#include "src/model/hf_adapter.hpp"
+#include "src/model/param_table.hpp"
 #include "src/data/packed_batch.hpp"
 #include "tests/test_paths.hpp"
 
@@ -29,6 +32,22 @@ inline PackedBatch load_batch(const std::filesystem::path& path) {
   b.positions = j.at("positions").get<std::vector<int32_t>>();
   b.cu_seqlens = j.at("cu_seqlens").get<std::vector<int32_t>>();
   return b;
+}
+
+// A golden case's model: config, parameter table and flat fp32 weights.
+struct GoldenModel {
+  LlamaConfig cfg;
+  std::unique_ptr<ParamTable> table;
+  std::vector<float> weights;
+};
+inline GoldenModel load_golden_model(const std::string& case_name) {
+  GoldenModel m;
+  const std::string dir = (golden_dir() / case_name).string();
+  m.cfg = load_hf_model_config(dir);
+  m.table = std::make_unique<ParamTable>(m.cfg);
+  m.weights.assign(size_t(m.table->total_elements()), 0.0f);
+  load_hf_weights(SafetensorsDir(dir), *m.table, m.weights.data());
+  return m;
 }
 
 // A float64 reference tensor of a fixture.

@@ -85,15 +85,7 @@ int run_bench_train(int argc, char** argv) {
   opt.model.max_tokens = seq;
   opt.model.nondeterministic_attention = nondet;
   opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
-  if (recompute == "none") opt.model.recompute = gpu::Recompute::kNone;
-  else if (recompute == "layer") opt.model.recompute = gpu::Recompute::kLayer;
-  else if (recompute == "auto") {
-    opt.model.recompute = gpu::Recompute::kNone;
-    const gpu::DeviceMemoryInfo mem = gpu::device_memory_info();
-    if (gpu::GpuEngine::plan(cfg, opt).total() > mem.free * 0.95) opt.model.recompute = gpu::Recompute::kLayer;
-  } else {
-    throw ConfigError("--recompute: expected none, layer or auto, got " + recompute);
-  }
+  opt.model.recompute = gpu::GpuEngine::choose_recompute(recompute, cfg, opt);
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("[bench] %s | %s shape: %.3f B parameters | seq %lld | %s | recompute %s | attention %s%s\n", prop.name,
@@ -150,7 +142,7 @@ int run_bench_train(int argc, char** argv) {
   std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, timed.size());
   std::printf("[RESULT] tokens per iteration: %lld\n", (long long)seq);
   std::printf("[RESULT] throughput: %.1f tokens/s\n", tps);
-  std::printf("[RESULT] host memory per NUMA node: %s\n", format_numa_usage(host_memory_per_node()).c_str());
+  std::printf("[RESULT] %s\n", format_numa_usage(host_memory_per_node()).c_str());  // "host memory per NUMA node: ..."
   return 0;
 }
 

@@ -95,13 +95,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
   opt.model.compute_dtype = o.dtype == "fp16" ? DType::F16 : DType::BF16;
   opt.model.max_tokens = o.max_tokens;
   opt.model.attention_kernel = gpu::attention_kernel_from_name(o.attention);
-  if (o.recompute == "layer") {
-    opt.model.recompute = gpu::Recompute::kLayer;
-  } else {
-    opt.model.recompute = gpu::Recompute::kNone;
-    if (o.recompute == "auto" && gpu::GpuEngine::plan(model_cfg, opt).total() > gpu::device_memory_info().free * 0.95)
-      opt.model.recompute = gpu::Recompute::kLayer;
-  }
+  opt.model.recompute = gpu::GpuEngine::choose_recompute(o.recompute, model_cfg, opt);
   if (opt.model.compute_dtype == DType::BF16) {
     cudaDeviceProp p{};
     CUDA_CHECK(cudaGetDeviceProperties(&p, 0));

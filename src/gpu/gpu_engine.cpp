@@ -47,6 +47,15 @@ GpuMemoryPlan GpuEngine::plan(const LlamaConfig& cfg, const GpuEngineOptions& op
   return p;
 }
 
+Recompute GpuEngine::choose_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions opt) {
+  if (name == "none") return Recompute::kNone;
+  if (name == "layer") return Recompute::kLayer;
+  if (name != "auto") throw ConfigError("--recompute: expected none, layer or auto, got '" + name + "'");
+  opt.model.recompute = Recompute::kNone;
+  return double(plan(cfg, opt).total()) > 0.95 * double(device_memory_info().free) ? Recompute::kLayer
+                                                                                   : Recompute::kNone;
+}
+
 GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
                      const GpuEngineOptions& opt)
     : table_(table), adamw_cfg_(adamw), opt_(opt), plan_(plan(cfg, opt)) {

@@ -44,6 +44,9 @@ struct GpuStepInfo {
 class GpuEngine {
  public:
   static GpuMemoryPlan plan(const LlamaConfig& cfg, const GpuEngineOptions& opt);
+  // The --recompute option: "none", "layer", or "auto" (none when the plan fits in 95% of the free
+  // device memory, else layer). ConfigError for other names.
+  static Recompute choose_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions opt);
 
   // Allocates everything (ConfigError with the plan's numbers when it does not fit).
   GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw, const GpuEngineOptions& opt);

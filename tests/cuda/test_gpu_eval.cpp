@@ -27,21 +27,8 @@ namespace {
 // The golden case whose head_dim (64) the CUDA attention supports; vocab 128, as the tiny dataset.
 const char* kCase = "gqa_hd64_gpu";
 
-struct Model {
-  LlamaConfig cfg;
-  std::unique_ptr<ParamTable> table;
-  std::vector<float> weights;
-};
-
-Model load_model() {
-  Model m;
-  const std::string dir = (golden_dir() / kCase).string();
-  m.cfg = load_hf_model_config(dir);
-  m.table = std::make_unique<ParamTable>(m.cfg);
-  m.weights.assign(size_t(m.table->total_elements()), 0.0f);
-  load_hf_weights(SafetensorsDir(dir), *m.table, m.weights.data());
-  return m;
-}
+using Model = longtune::test::GoldenModel;
+Model load_model() { return longtune::test::load_golden_model(kCase); }
 
 // What `longtune eval --device cuda --dtype D --attention A` builds.
 std::unique_ptr<DeviceEngine> eval_engine(const Model& m, const std::string& dtype, const std::string& attention,

@@ -25,21 +25,15 @@ namespace {
 // The golden case whose head_dim (64) the CUDA attention supports.
 const char* kCase = "gqa_hd64_gpu";
 
-struct Golden {
-  LlamaConfig cfg;
-  std::unique_ptr<ParamTable> table;
-  std::vector<float> weights;
+// The model of the golden case and its packed batch.
+struct Golden : longtune::test::GoldenModel {
   PackedBatch batch;
 };
 
 Golden load_golden() {
   Golden g;
-  const auto dir = golden_dir() / kCase;
-  g.cfg = load_hf_model_config(dir.string());
-  g.table = std::make_unique<ParamTable>(g.cfg);
-  g.weights.assign(size_t(g.table->total_elements()), 0.0f);
-  load_hf_weights(SafetensorsDir(dir.string()), *g.table, g.weights.data());
-  g.batch = load_batch(dir / "batch.json");
+  static_cast<longtune::test::GoldenModel&>(g) = longtune::test::load_golden_model(kCase);
+  g.batch = load_batch(golden_dir() / kCase / "batch.json");
   return g;
 }
 
