@@ -325,4 +325,17 @@ void convert_f32(uint16_t* out, DType out_dtype, const float* inp, int64_t n, cu
   CUDA_CHECK_LAUNCH();
 }
 
+// ---- accumulate_f32 ----------------------------------------------------------------------------
+
+__global__ void accumulate_kernel(float* __restrict__ acc, const float* __restrict__ x, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) acc[i] += x[i];
+}
+
+void accumulate_f32(float* acc, const float* x, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  accumulate_kernel<<<grid_for(n), kThreads, 0, stream>>>(acc, x, n);
+  CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace longtune::cuda

@@ -49,4 +49,8 @@ void sum_deterministic(double* out, const float* x, int64_t n, void* scratch, cu
 // x[i] = fp32 -> storage dtype conversions of whole flat arrays (weights to the compute copy).
 void convert_f32(uint16_t* out, DType out_dtype, const float* inp, int64_t n, cudaStream_t stream);
 
+// acc[i] += x[i] (fp32): a rank's gradient shard accumulating one micro-batch's reduced piece.
+// CPU twin: accumulate_f32 in kernels/cpu/elementwise.hpp.
+void accumulate_f32(float* acc, const float* x, int64_t n, cudaStream_t stream);
+
 }  // namespace longtune::cuda

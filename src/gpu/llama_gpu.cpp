@@ -79,8 +79,7 @@ class Carver {
 
 struct LlamaGpu::Impl {
   virtual ~Impl() = default;
-  virtual LossSum run(const void* weights, float* grads, const PackedBatch& batch, double grad_scale,
-                      bool backward) = 0;
+  virtual LossSum run(GpuParamAccess& params, const PackedBatch& batch, double grad_scale, bool backward) = 0;
 };
 
 namespace {
@@ -94,6 +93,9 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
     Carver c(arena);
     carve(c);
     bytes_ = c.bytes();
+    for (size_t e = 0; e < table_.entries().size(); ++e) block_of_.push_back(table_.block_of(e));
+    wbase_.assign(size_t(table_.num_blocks()), nullptr);
+    gbase_.assign(size_t(table_.num_blocks()), nullptr);
     if (arena) {
       blas_ = std::make_unique<cuda::Blas>();
       const std::vector<float> inv_freq = rope_inv_freq(cfg_);
@@ -107,22 +109,23 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
 
   size_t bytes() const { return bytes_; }
 
-  LossSum run(const void* weights_v, float* grads, const PackedBatch& b, double grad_scale, bool backward) override {
+  LossSum run(GpuParamAccess& params, const PackedBatch& b, double grad_scale, bool backward) override {
     const int64_t T = b.num_tokens();
     LT_CHECK(T > 0 && T <= d_.T, "micro-batch of " + std::to_string(T) + " tokens exceeds the planned " +
                                      std::to_string(d_.T));
-    const auto* W = static_cast<const scalar_t*>(weights_v);
+    params_ = &params;
     upload_batch(b);
     LossSum loss;
     loss.count = b.num_targets();
-    forward_layers(W, T, backward);
+    forward_layers(T, backward);  // leaves the head block acquired
     // lm_head + cross-entropy over the final norm's output; in training its backward runs in the
     // same pass, so the logits never exist beyond one chunk.
-    const scalar_t* w_head = W + table_.at(table_.lm_head()).offset;
+    if (table_.tied()) acquire(ParamTable::kEmbedBlock);  // the lm_head is the embedding
+    const scalar_t* w_head = w(table_.lm_head());
     if (backward) {
-      cuda::linear_cross_entropy_forward_backward<scalar_t>(
-          losses_, dln_, grads + table_.at(table_.lm_head()).offset, ln_a_, w_head, targets_, float(grad_scale), T,
-          d_.C, d_.V, ce_scratch_, ce_scratch_bytes_, *blas_, stream_);
+      cuda::linear_cross_entropy_forward_backward<scalar_t>(losses_, dln_, g(table_.lm_head()), ln_a_, w_head,
+                                                            targets_, float(grad_scale), T, d_.C, d_.V, ce_scratch_,
+                                                            ce_scratch_bytes_, *blas_, stream_);
     } else {
       cuda::linear_cross_entropy_forward<scalar_t>(losses_, ln_a_, w_head, targets_, T, d_.C, d_.V, ce_scratch_,
                                                    ce_scratch_bytes_, *blas_, stream_);
@@ -130,7 +133,10 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
     cuda::sum_deterministic(loss_sum_, losses_, T, reduce_scratch_, stream_);
     auto* host_sum = static_cast<double*>(loss_host_->get());
     CUDA_CHECK(cudaMemcpyAsync(host_sum, loss_sum_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
-    if (backward) backward_layers(W, grads, T);
+    if (table_.tied()) release(ParamTable::kEmbedBlock);
+    if (backward) backward_layers(T);  // releases the head block
+    else release(table_.head_block());
+    params_ = nullptr;
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     loss.sum = *host_sum;
     return loss;
@@ -219,108 +225,135 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
       max_seqlen_ = std::max<int64_t>(max_seqlen_, b.cu_seqlens[size_t(s + 1)] - b.cu_seqlens[size_t(s)]);
   }
 
-  const scalar_t* w(const scalar_t* W, size_t entry) const { return W + table_.at(entry).offset; }
-  float* g(float* G, size_t entry) const { return G + table_.at(entry).offset; }
+  // ---- weights and gradients, block by block -------------------------------------------------
+  void acquire(int block) { wbase_[size_t(block)] = static_cast<const scalar_t*>(params_->acquire(block)); }
+  void release(int block) {
+    params_->release(block);
+    wbase_[size_t(block)] = nullptr;
+  }
+  void grads_done(int block) {
+    params_->grads_done(block);
+    gbase_[size_t(block)] = nullptr;
+  }
+  const scalar_t* w(size_t entry) const {
+    const scalar_t* base = wbase_[size_t(block_of_[entry])];
+    LT_CHECK(base != nullptr, "LlamaGpu: weights of " + table_.at(entry).name + " used outside acquire/release");
+    return base + table_.at(entry).offset;
+  }
+  float* g(size_t entry) {
+    float*& base = gbase_[size_t(block_of_[entry])];
+    if (!base) base = params_->grads(block_of_[entry]);
+    return base + table_.at(entry).offset;
+  }
 
   // ---- forward --------------------------------------------------------------------------------
   // One layer's attention and MLP from ln1 = rmsnorm(resid[l]) (in ln_a_): fills `a` and leaves the
   // MLP output in branch_. With `mlp_out` false the last projection is skipped (recomputation).
-  void layer_forward(const scalar_t* W, int64_t l, int64_t T, LayerActs<scalar_t>& a, bool mlp_out) {
+  void layer_forward(int64_t l, int64_t T, LayerActs<scalar_t>& a, bool mlp_out) {
     const Dims& d = d_;
     const LayerParamIndex& ix = table_.layer(l);
     // q|k|v
     if (fused_qkv_) {
-      cuda::matmul_forward<scalar_t>(a.qkv, ln_a_, w(W, ix.q_proj), T, d.C, d.QKVD, *blas_, stream_);
+      cuda::matmul_forward<scalar_t>(a.qkv, ln_a_, w(ix.q_proj), T, d.C, d.QKVD, *blas_, stream_);
     } else {
       cuda::MatmulOptions mo;
       mo.ld_out = d.QKVD;
-      cuda::matmul_forward<scalar_t>(a.qkv, ln_a_, w(W, ix.q_proj), T, d.C, d.QD, *blas_, stream_, mo);
-      cuda::matmul_forward<scalar_t>(a.qkv + d.QD, ln_a_, w(W, ix.k_proj), T, d.C, d.KVD, *blas_, stream_, mo);
-      cuda::matmul_forward<scalar_t>(a.qkv + d.QD + d.KVD, ln_a_, w(W, ix.v_proj), T, d.C, d.KVD, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(a.qkv, ln_a_, w(ix.q_proj), T, d.C, d.QD, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(a.qkv + d.QD, ln_a_, w(ix.k_proj), T, d.C, d.KVD, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(a.qkv + d.QD + d.KVD, ln_a_, w(ix.v_proj), T, d.C, d.KVD, *blas_, stream_, mo);
     }
     cuda::rope_forward<scalar_t>(a.qkv, a.qkv, positions_, inv_freq_, T, d.NH, d.HD, stream_, d.QKVD);
     cuda::rope_forward<scalar_t>(a.qkv + d.QD, a.qkv + d.QD, positions_, inv_freq_, T, d.NKV, d.HD, stream_, d.QKVD);
     cuda::attention_forward<scalar_t>(a.att, a.lse, a.qkv, a.qkv + d.QD, a.qkv + d.QD + d.KVD, cu_seqlens_,
                                       num_segments_, T, d.NH, d.NKV, d.HD, attention_options(max_seqlen_), stream_);
-    cuda::matmul_forward<scalar_t>(branch_, a.att, w(W, ix.o_proj), T, d.QD, d.C, *blas_, stream_);
+    cuda::matmul_forward<scalar_t>(branch_, a.att, w(ix.o_proj), T, d.QD, d.C, *blas_, stream_);
     // resid2 = resid + attention branch ; ln_b = rmsnorm(resid2)
     cuda::residual_rmsnorm_forward<scalar_t>(a.resid2, ln_b_, a.rstd2, resid_[size_t(l)], branch_,
-                                             w(W, ix.post_norm), T, d.C, float(cfg_.rms_norm_eps), stream_);
-    gate_up_forward(W, ix, T, a.gu, ln_b_);
+                                             w(ix.post_norm), T, d.C, float(cfg_.rms_norm_eps), stream_);
+    gate_up_forward(ix, T, a.gu, ln_b_);
     if (!mlp_out) return;
     cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
-    cuda::matmul_forward<scalar_t>(branch_, hid_, w(W, ix.down_proj), T, d.F, d.C, *blas_, stream_);
+    cuda::matmul_forward<scalar_t>(branch_, hid_, w(ix.down_proj), T, d.F, d.C, *blas_, stream_);
   }
 
-  void gate_up_forward(const scalar_t* W, const LayerParamIndex& ix, int64_t T, scalar_t* gu, const scalar_t* inp) {
+  void gate_up_forward(const LayerParamIndex& ix, int64_t T, scalar_t* gu, const scalar_t* inp) {
     const Dims& d = d_;
     if (fused_gu_) {
-      cuda::matmul_forward<scalar_t>(gu, inp, w(W, ix.gate_proj), T, d.C, 2 * d.F, *blas_, stream_);
+      cuda::matmul_forward<scalar_t>(gu, inp, w(ix.gate_proj), T, d.C, 2 * d.F, *blas_, stream_);
     } else {
       cuda::MatmulOptions mo;
       mo.ld_out = 2 * d.F;
-      cuda::matmul_forward<scalar_t>(gu, inp, w(W, ix.gate_proj), T, d.C, d.F, *blas_, stream_, mo);
-      cuda::matmul_forward<scalar_t>(gu + d.F, inp, w(W, ix.up_proj), T, d.C, d.F, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(gu, inp, w(ix.gate_proj), T, d.C, d.F, *blas_, stream_, mo);
+      cuda::matmul_forward<scalar_t>(gu + d.F, inp, w(ix.up_proj), T, d.C, d.F, *blas_, stream_, mo);
     }
   }
 
   // Embedding, every layer, and the final norm into ln_a_.
-  void forward_layers(const scalar_t* W, int64_t T, bool training) {
+  void forward_layers(int64_t T, bool training) {
     const Dims& d = d_;
     const float eps = float(cfg_.rms_norm_eps);
-    cuda::embedding_forward<scalar_t>(resid_[0], tokens_, w(W, table_.embed()), T, d.C, stream_);
-    cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[0], w(W, table_.layer(0).input_norm), T, d.C, eps, stream_);
+    acquire(ParamTable::kEmbedBlock);
+    cuda::embedding_forward<scalar_t>(resid_[0], tokens_, w(table_.embed()), T, d.C, stream_);
+    release(ParamTable::kEmbedBlock);
+    acquire(table_.layer_block(0));
+    cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[0], w(table_.layer(0).input_norm), T, d.C, eps, stream_);
     for (int64_t l = 0; l < d.L; ++l) {
       LayerActs<scalar_t>& a = acts_[training && opt_.recompute == Recompute::kNone ? size_t(l) : 0];
-      layer_forward(W, l, T, a, /*mlp_out=*/true);
+      layer_forward(l, T, a, /*mlp_out=*/true);
+      // The next block's input norm (or the final norm) closes this layer.
+      acquire(l + 1 < d.L ? table_.layer_block(l + 1) : table_.head_block());
       const scalar_t* next_norm =
-          l + 1 < d.L ? w(W, table_.layer(l + 1).input_norm) : w(W, table_.final_norm());
+          l + 1 < d.L ? w(table_.layer(l + 1).input_norm) : w(table_.final_norm());
       // resid[l+1] = resid2 + MLP branch ; ln_a = rmsnorm(resid[l+1]) (the next layer's input norm,
       // or the final norm).
       cuda::residual_rmsnorm_forward<scalar_t>(resid_[size_t(l + 1)], ln_a_, rstd_a_, a.resid2, branch_, next_norm,
                                                T, d.C, eps, stream_);
+      release(table_.layer_block(l));
     }
   }
 
   // ---- backward -------------------------------------------------------------------------------
-  void backward_layers(const scalar_t* W, float* G, int64_t T) {
+  void backward_layers(int64_t T) {
     const Dims& d = d_;
     const float eps = float(cfg_.rms_norm_eps);
     // Final norm: dln_ holds d(loss)/d(final norm output) from the fused cross-entropy.
-    cuda::rmsnorm_backward<scalar_t>(d_stream_, g(G, table_.final_norm()), dln_, resid_[size_t(d.L)],
-                                     w(W, table_.final_norm()), rstd_a_, T, d.C, stream_);
+    cuda::rmsnorm_backward<scalar_t>(d_stream_, g(table_.final_norm()), dln_, resid_[size_t(d.L)],
+                                     w(table_.final_norm()), rstd_a_, T, d.C, stream_);
+    grads_done(table_.head_block());
+    release(table_.head_block());
     for (int64_t l = d.L - 1; l >= 0; --l) {
       const LayerParamIndex& ix = table_.layer(l);
+      acquire(table_.layer_block(l));
       LayerActs<scalar_t>& a = acts_[opt_.recompute == Recompute::kNone ? size_t(l) : 0];
       // ln1 = rmsnorm(resid[l]) is needed by the q|k|v weight gradient (and by the recomputation).
-      cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[size_t(l)], w(W, ix.input_norm), T, d.C, eps, stream_);
+      cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[size_t(l)], w(ix.input_norm), T, d.C, eps, stream_);
       if (opt_.recompute == Recompute::kLayer) {
-        layer_forward(W, l, T, a, /*mlp_out=*/false);  // leaves ln2 in ln_b_
+        layer_forward(l, T, a, /*mlp_out=*/false);  // leaves ln2 in ln_b_
       } else {
-        cuda::rmsnorm_forward<scalar_t>(ln_b_, rstd_b_, a.resid2, w(W, ix.post_norm), T, d.C, eps, stream_);
+        cuda::rmsnorm_forward<scalar_t>(ln_b_, rstd_b_, a.resid2, w(ix.post_norm), T, d.C, eps, stream_);
       }
       // MLP: d_stream_ is d(loss)/d(resid[l+1]) = d(MLP branch) = d(resid2) through the residual.
       cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
-      cuda::matmul_backward<scalar_t>(dhid_, g(G, ix.down_proj), d_stream_, hid_, w(W, ix.down_proj), T, d.F, d.C,
+      cuda::matmul_backward<scalar_t>(dhid_, g(ix.down_proj), d_stream_, hid_, w(ix.down_proj), T, d.F, d.C,
                                       *blas_, stream_);
       cuda::swiglu_backward<scalar_t>(dgu_, dgu_ + d.F, dhid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
       if (fused_gu_) {
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.gate_proj), dgu_, ln_b_, w(W, ix.gate_proj), T, d.C, 2 * d.F,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.gate_proj), dgu_, ln_b_, w(ix.gate_proj), T, d.C, 2 * d.F,
                                         *blas_, stream_);
       } else {
         cuda::MatmulOptions mo;
         mo.ld_out = 2 * d.F;
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.gate_proj), dgu_, ln_b_, w(W, ix.gate_proj), T, d.C, d.F,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.gate_proj), dgu_, ln_b_, w(ix.gate_proj), T, d.C, d.F,
                                         *blas_, stream_, mo);
         mo.accumulate_dinp = true;
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.up_proj), dgu_ + d.F, ln_b_, w(W, ix.up_proj), T, d.C, d.F,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.up_proj), dgu_ + d.F, ln_b_, w(ix.up_proj), T, d.C, d.F,
                                         *blas_, stream_, mo);
       }
       // resid2 feeds the post-attention norm and the residual path.
-      cuda::residual_rmsnorm_backward<scalar_t>(d_resid2_, g(G, ix.post_norm), dln_, d_stream_, a.resid2,
-                                                w(W, ix.post_norm), a.rstd2, T, d.C, stream_);
+      cuda::residual_rmsnorm_backward<scalar_t>(d_resid2_, g(ix.post_norm), dln_, d_stream_, a.resid2,
+                                                w(ix.post_norm), a.rstd2, T, d.C, stream_);
       // Attention.
-      cuda::matmul_backward<scalar_t>(datt_, g(G, ix.o_proj), d_resid2_, a.att, w(W, ix.o_proj), T, d.QD, d.C,
+      cuda::matmul_backward<scalar_t>(datt_, g(ix.o_proj), d_resid2_, a.att, w(ix.o_proj), T, d.QD, d.C,
                                       *blas_, stream_);
       cuda::attention_backward<scalar_t>(dqkv_, dqkv_ + d.QD, dqkv_ + d.QD + d.KVD, datt_, a.qkv, a.qkv + d.QD,
                                          a.qkv + d.QD + d.KVD, a.att, a.lse, cu_seqlens_, num_segments_, T, d.NH,
@@ -329,30 +362,37 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
       cuda::rope_backward<scalar_t>(dqkv_ + d.QD, dqkv_ + d.QD, positions_, inv_freq_, T, d.NKV, d.HD, stream_,
                                     d.QKVD);
       if (fused_qkv_) {
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.q_proj), dqkv_, ln_a_, w(W, ix.q_proj), T, d.C, d.QKVD, *blas_,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.q_proj), dqkv_, ln_a_, w(ix.q_proj), T, d.C, d.QKVD, *blas_,
                                         stream_);
       } else {
         cuda::MatmulOptions mo;
         mo.ld_out = d.QKVD;
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.q_proj), dqkv_, ln_a_, w(W, ix.q_proj), T, d.C, d.QD, *blas_,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.q_proj), dqkv_, ln_a_, w(ix.q_proj), T, d.C, d.QD, *blas_,
                                         stream_, mo);
         mo.accumulate_dinp = true;
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.k_proj), dqkv_ + d.QD, ln_a_, w(W, ix.k_proj), T, d.C, d.KVD,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.k_proj), dqkv_ + d.QD, ln_a_, w(ix.k_proj), T, d.C, d.KVD,
                                         *blas_, stream_, mo);
-        cuda::matmul_backward<scalar_t>(dln_, g(G, ix.v_proj), dqkv_ + d.QD + d.KVD, ln_a_, w(W, ix.v_proj), T, d.C,
+        cuda::matmul_backward<scalar_t>(dln_, g(ix.v_proj), dqkv_ + d.QD + d.KVD, ln_a_, w(ix.v_proj), T, d.C,
                                         d.KVD, *blas_, stream_, mo);
       }
       // resid[l] feeds the input norm and the residual path: d(resid[l]) into d_stream_.
-      cuda::residual_rmsnorm_backward<scalar_t>(d_stream_, g(G, ix.input_norm), dln_, d_resid2_, resid_[size_t(l)],
-                                                w(W, ix.input_norm), rstd_a_, T, d.C, stream_);
+      cuda::residual_rmsnorm_backward<scalar_t>(d_stream_, g(ix.input_norm), dln_, d_resid2_, resid_[size_t(l)],
+                                                w(ix.input_norm), rstd_a_, T, d.C, stream_);
+      grads_done(table_.layer_block(l));
+      release(table_.layer_block(l));
     }
-    cuda::embedding_backward<scalar_t>(g(G, table_.embed()), d_stream_, tokens_, T, d.C, embed_scratch_, stream_);
+    cuda::embedding_backward<scalar_t>(g(table_.embed()), d_stream_, tokens_, T, d.C, embed_scratch_, stream_);
+    grads_done(ParamTable::kEmbedBlock);
   }
 
   LlamaConfig cfg_;
   const ParamTable& table_;
   GpuModelOptions opt_;
   Dims d_;
+  GpuParamAccess* params_ = nullptr;   // during run()
+  std::vector<int> block_of_;          // per table entry
+  std::vector<const scalar_t*> wbase_;  // per block, while acquired
+  std::vector<float*> gbase_;           // per block, from the first grads() to grads_done()
   cudaStream_t stream_;
   size_t bytes_ = 0;
   std::unique_ptr<cuda::Blas> blas_;
@@ -412,11 +452,21 @@ LlamaGpu::LlamaGpu(const LlamaConfig& cfg, const ParamTable& table, const GpuMod
 LlamaGpu::~LlamaGpu() = default;
 
 LossSum LlamaGpu::forward(const void* weights, const PackedBatch& batch) {
-  return impl_->run(weights, nullptr, batch, 0.0, /*backward=*/false);
+  FlatGpuParams flat(weights, nullptr);
+  return impl_->run(flat, batch, 0.0, /*backward=*/false);
+}
+
+LossSum LlamaGpu::forward(GpuParamAccess& params, const PackedBatch& batch) {
+  return impl_->run(params, batch, 0.0, /*backward=*/false);
 }
 
 LossSum LlamaGpu::forward_backward(const void* weights, float* grads, const PackedBatch& batch, double grad_scale) {
-  return impl_->run(weights, grads, batch, grad_scale, /*backward=*/true);
+  FlatGpuParams flat(weights, grads);
+  return impl_->run(flat, batch, grad_scale, /*backward=*/true);
+}
+
+LossSum LlamaGpu::forward_backward(GpuParamAccess& params, const PackedBatch& batch, double grad_scale) {
+  return impl_->run(params, batch, grad_scale, /*backward=*/true);
 }
 
 }  // namespace longtune::gpu

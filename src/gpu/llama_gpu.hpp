@@ -1,8 +1,11 @@
 // The whole Llama model on one GPU: forward and backward over one packed micro-batch, built from
 // the CUDA kernels (kernels/cuda). Twin of src/model/llama_cpu.hpp, which is its oracle.
 //
-// Weights are read from a device buffer in the compute dtype (bf16 or fp16) laid out by ParamTable;
-// gradients are added (+=) in fp32 into a device buffer of the same layout. q/k/v and gate/up run
+// Weights are read block by block (ParamTable blocks: embedding, each decoder layer, head) through
+// a GpuParamAccess, in the compute dtype (bf16 or fp16), ParamTable layout; gradients are added
+// (+=) in fp32, same layout. The single-GPU engine hands out one flat buffer (FlatGpuParams); the
+// sharded and offloading engine gathers or streams each block into a slot and reduces each block's
+// gradient as soon as it is complete -- the model cannot tell the difference. q/k/v and gate/up run
 // as one fused projection each when the table stores them back to back (it does for every real
 // model shape). Activation memory is planned once for micro-batches of up to max_tokens tokens:
 //   Recompute::kNone   every layer keeps what its backward needs (fastest, most memory);
@@ -36,6 +39,41 @@ struct GpuModelOptions {
   int64_t loss_chunk = 0;                   // tokens per lm_head + cross-entropy chunk (0: auto, ~1.5 GiB scratch)
 };
 
+// The CUDA twin of src/model/param_access.hpp. Calls are made on the host in stream order: what
+// acquire() returns may be used by work enqueued on the model's stream after the call.
+class GpuParamAccess {
+ public:
+  virtual ~GpuParamAccess() = default;
+  // Block `block`'s weights: a base pointer B such that B + table.at(entry).offset (elements of the
+  // compute dtype) addresses every entry of the block. Valid until release(block).
+  virtual const void* acquire(int block) = 0;
+  virtual void release(int block) = 0;
+  // Block `block`'s fp32 gradient, same addressing (grads accumulate with +=); valid from the first
+  // call for the block until grads_done(block), which says they are complete for this micro-batch.
+  virtual float* grads(int block) = 0;
+  virtual void grads_done(int block) = 0;
+};
+
+// Everything in two flat device buffers of ParamTable layout.
+class FlatGpuParams final : public GpuParamAccess {
+ public:
+  FlatGpuParams(const void* weights, float* grads) : weights_(weights), grads_(grads) {}
+  const void* acquire(int) override { return weights_; }
+  void release(int) override {}
+  float* grads(int) override { return grads_; }
+  void grads_done(int) override {}
+
+ private:
+  const void* weights_;
+  float* grads_;
+};
+
+// A base pointer for GpuParamAccess::acquire/grads: `slot` holds the block that starts at flat
+// element `block_begin`. (Address arithmetic on integers: the base may lie before the slot.)
+inline const void* block_base(const void* slot, int64_t block_begin, size_t elem_bytes) {
+  return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(slot) - uintptr_t(block_begin) * elem_bytes);
+}
+
 // "auto" | "tensor-core" (sm_80+, bf16/fp16) | "sm75" (fp16, V100/T4-class instructions only):
 // the --attention option. Throws ConfigError for other names.
 cuda::AttentionKernel attention_kernel_from_name(const std::string& name);
@@ -54,10 +92,12 @@ class LlamaGpu {
 
   // Loss of one micro-batch (evaluation). weights: compute dtype, ParamTable layout, on the device.
   LossSum forward(const void* weights, const PackedBatch& batch);
+  LossSum forward(GpuParamAccess& params, const PackedBatch& batch);
   // Forward and backward: grads (fp32, ParamTable layout, device) += d(loss_sum * grad_scale)/d params.
   // grad_scale = loss scale / counted targets of the global batch. Returns after the loss is known
   // (the gradients may still be in flight on the stream).
   LossSum forward_backward(const void* weights, float* grads, const PackedBatch& batch, double grad_scale);
+  LossSum forward_backward(GpuParamAccess& params, const PackedBatch& batch, double grad_scale);
 
   const GpuModelOptions& options() const { return opt_; }
 

@@ -1,0 +1,10 @@
+// Whole-array elementwise ops of the training engines (not of the model).
+#pragma once
+#include <cstdint>
+
+namespace longtune::cpu {
+
+// acc[i] += x[i]: a gradient shard accumulating one micro-batch's piece.
+void accumulate_f32(float* acc, const float* x, int64_t n);
+
+}  // namespace longtune::cpu
