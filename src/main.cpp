@@ -18,7 +18,8 @@ constexpr const char* kUsage =
     "  train    full-parameter training; with no options, the built-in tiny model and task\n"
     "  eval     mean loss and perplexity of a model over a dataset (CPU)\n"
     "  export   a checkpoint as a Hugging Face model directory\n"
-    "  bench    benchmarks: `longtune bench adamw|checkpoint|train`\n"
+    "  plan     will it fit? device and host memory per rank for each placement, the longest seq_len\n"
+    "  bench    benchmarks: `longtune bench adamw|checkpoint|train|comm`\n"
     "  help     this text\n"
     "\n"
     "`longtune <command> --help` lists a command's options.\n";
@@ -37,15 +38,25 @@ int main(int argc, char** argv) {
     if (command == "eval") return longtune::cli::run_eval(argc - 1, argv + 1);
     if (command == "export") return longtune::cli::run_export(argc - 1, argv + 1);
     if (command == "prepare") return longtune::cli::run_prepare(argc - 1, argv + 1);
+    if (command == "plan") {
+#if LONGTUNE_HAVE_CUDA
+      return longtune::cli::run_plan(argc - 1, argv + 1);
+#else
+      std::fprintf(stderr, "longtune plan: needs a CUDA build (the plan is the GPU engines' own memory layout)\n");
+      return 2;
+#endif
+    }
     if (command == "bench") {
       if (argc >= 3 && std::strcmp(argv[2], "adamw") == 0) return longtune::cli::run_bench_adamw(argc - 2, argv + 2);
       if (argc >= 3 && std::strcmp(argv[2], "checkpoint") == 0)
         return longtune::cli::run_bench_checkpoint(argc - 2, argv + 2);
 #if LONGTUNE_HAVE_CUDA
       if (argc >= 3 && std::strcmp(argv[2], "train") == 0) return longtune::cli::run_bench_train(argc - 2, argv + 2);
-      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint, train\n");
+      if (argc >= 3 && std::strcmp(argv[2], "comm") == 0) return longtune::cli::run_bench_comm(argc - 2, argv + 2);
+      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint, train, comm\n");
 #else
-      std::fprintf(stderr, "longtune bench: expected a benchmark name: adamw, checkpoint (train needs a CUDA build)\n");
+      std::fprintf(stderr,
+                   "longtune bench: expected a benchmark name: adamw, checkpoint (train and comm need a CUDA build)\n");
 #endif
       return 2;
     }

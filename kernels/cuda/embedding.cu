@@ -180,9 +180,18 @@ ScratchLayout scratch_layout(int64_t T) {
   s.partial = s.vals_out + ints;
   s.cub = s.partial + align_up(size_t(T) * size_t(kPartialFloatsPerToken) * sizeof(float));
   size_t cub_bytes = 0;
-  CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const int32_t*>(nullptr),
-                                             static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
-                                             static_cast<int32_t*>(nullptr), int(std::max<int64_t>(T, 1))));
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    // Planning on a machine without a GPU (`longtune plan` on a login node, CI): CUB's query needs
+    // a device. Its temporary storage here is only the per-pass digit histograms and tile
+    // look-back state (the key/value buffers are ours): bounded generously.
+    cudaGetLastError();
+    cub_bytes = (size_t(1) << 20) + 2 * size_t(std::max<int64_t>(T, 1));
+  } else {
+    CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, cub_bytes, static_cast<const int32_t*>(nullptr),
+                                               static_cast<int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                               static_cast<int32_t*>(nullptr), int(std::max<int64_t>(T, 1))));
+  }
   s.cub_bytes = cub_bytes;
   s.total = s.cub + align_up(cub_bytes);
   return s;

@@ -18,4 +18,14 @@ int run_bench_checkpoint(int argc, char** argv);
 // a Llama shape with random weights, the experiment of bench/anchor_torch.py. src/gpu/bench_train.cpp.
 int run_bench_train(int argc, char** argv);
 
+// longtune bench comm (CUDA builds): the DeviceComm collectives (NCCL across ranks, one GPU per
+// rank) checked against the host MPI Comm, then timed with nccl-tests' algbw / busbw. Run under
+// mpirun -np N. src/gpu/bench_comm.cpp.
+int run_bench_comm(int argc, char** argv);
+
+// longtune plan (CUDA builds; needs no GPU): predicted device and host memory per rank for every
+// placement of weights, optimizer and activations, and the longest trainable sequence.
+// src/gpu/plan.cpp.
+int run_plan(int argc, char** argv);
+
 }  // namespace longtune::cli

@@ -16,8 +16,14 @@
 #include "src/cli/bench.hpp"
 #include "src/cli/options.hpp"
 #include "src/common/error.hpp"
+#include "src/comm/comm.hpp"
+#include "src/gpu/model_shapes.hpp"
 #include "src/gpu/gpu_engine.hpp"
+#include "src/gpu/zero_engine.hpp"
 #include "src/memory/host_memory.hpp"
+#include "src/optim/kokkos_scope.hpp"
+#include "src/train/sharded_state.hpp"
+#include "src/train/train_config.hpp"
 
 namespace po = boost::program_options;
 
@@ -25,39 +31,170 @@ namespace longtune::cli {
 
 namespace {
 
-// Llama 3.2 1B / 3B and 3.1 8B shapes (bench/anchor_torch.py CONFIGS).
-LlamaConfig llama_shape(const std::string& name) {
-  LlamaConfig c;
-  c.vocab_size = 128256;
-  c.max_position_embeddings = 131072;
-  c.rope_theta = 500000.0;
-  c.rope.type = RopeScaling::Type::Llama3;
-  c.rope.factor = 8.0;
-  c.rope.low_freq_factor = 1.0;
-  c.rope.high_freq_factor = 4.0;
-  c.rope.original_max_position_embeddings = 8192;
-  c.rms_norm_eps = 1e-5;
-  if (name == "1b") {
-    c.hidden_size = 2048, c.num_hidden_layers = 16, c.num_attention_heads = 32, c.num_key_value_heads = 8;
-    c.intermediate_size = 8192, c.tie_word_embeddings = true;
-  } else if (name == "3b") {
-    c.hidden_size = 3072, c.num_hidden_layers = 28, c.num_attention_heads = 24, c.num_key_value_heads = 8;
-    c.intermediate_size = 8192, c.tie_word_embeddings = true;
-  } else if (name == "8b") {
-    c.hidden_size = 4096, c.num_hidden_layers = 32, c.num_attention_heads = 32, c.num_key_value_heads = 8;
-    c.intermediate_size = 14336, c.tie_word_embeddings = false;
-  } else {
-    return load_hf_model_config(name);  // a model directory: its config.json
+// Synthetic weights on this rank's shard, the same for every world size: N(0, std) per element from
+// a hash of its flat index (matrices), 1 for norm weights.
+void init_random_shard(ShardedTrainState& state, const ParamTable& table, uint64_t seed, float std) {
+  float* m = state.master();
+  const int64_t begin = state.shard_begin(), len = state.shard_len();
+  for (size_t e = 0; e < table.entries().size(); ++e) {
+    const ParamEntry& pe = table.at(e);
+    const int64_t lo = std::max(pe.offset, begin), hi = std::min(pe.offset + pe.numel, begin + len);
+    if (lo >= hi) continue;
+    const bool matrix = pe.shape.size() >= 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t i = lo; i < hi; ++i) {
+      if (!matrix) {
+        m[i - begin] = 1.0f;
+        continue;
+      }
+      auto mix = [](uint64_t z) {
+        z += 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        return z ^ (z >> 31);
+      };
+      const uint64_t a = mix(seed ^ uint64_t(i)), b = mix(a);
+      const double u1 = (double(a >> 11) + 0.5) / 9007199254740992.0, u2 = double(b >> 11) / 9007199254740992.0;
+      m[i - begin] = float(std * std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2));
+    }
   }
-  c.head_dim = c.hidden_size / c.num_attention_heads;
-  return c;
+}
+
+// One document of seq tokens, random ids (a different stream per rank); targets are the next
+// tokens (the anchor's labels=ids).
+PackedBatch random_batch(const LlamaConfig& cfg, int64_t seq, int rank) {
+  PackedBatch b;
+  b.rows = 1;
+  b.seq_len = seq;
+  b.tokens.resize(size_t(seq));
+  uint64_t x = 88172645463325252ull + uint64_t(rank) * 0x9e3779b97f4a7c15ull;
+  for (auto& t : b.tokens) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    t = int32_t(x % uint64_t(cfg.vocab_size));
+  }
+  b.targets.assign(size_t(seq), -1);
+  for (int64_t t = 0; t + 1 < seq; ++t) b.targets[size_t(t)] = b.tokens[size_t(t + 1)];
+  b.positions.resize(size_t(seq));
+  for (int64_t t = 0; t < seq; ++t) b.positions[size_t(t)] = int32_t(t);
+  b.cu_seqlens = {0, int32_t(seq)};
+  return b;
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Several ranks (one GPU each, NCCL) and/or offload: gpu::ZeroEngine on a ShardedTrainState, as
+// `train` builds it. Weak scaling: every rank trains on its own --seq-len tokens per step.
+int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Comm& comm, const std::string& model,
+                            int64_t seq, int64_t steps, int64_t warmup, const std::string& dtype,
+                            const std::string& recompute, const std::string& attention, bool nondet,
+                            const std::string& offload, const std::string& weights, const std::string& mem_limit,
+                            int threads) {
+  const bool root = comm.rank() == 0;
+  const int count = cuda::device_count();
+  if (comm.local_size() > count)
+    throw ConfigError("bench train: expected one GPU per rank, got " + std::to_string(comm.local_size()) +
+                      " ranks on this node and " + std::to_string(count) + " GPUs");
+  CUDA_CHECK(cudaSetDevice(comm.local_rank() % count));
+  if (!mem_limit.empty()) gpu::limit_device_memory(size_t(parse_byte_size(mem_limit, "--gpu-mem-limit")));
+  KokkosScope kokkos(threads);
+  gpu::ZeroEngineOptions opt;
+  if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
+  else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;
+  else throw ConfigError("--dtype: expected bf16 or fp16, got " + dtype);
+  opt.model.max_tokens = seq;
+  opt.model.nondeterministic_attention = nondet;
+  opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
+  opt.optimizer = offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
+  opt.weights = (offload == "params" || weights == "streamed") ? gpu::WeightPlace::kStreamed : gpu::WeightPlace::kResident;
+  if (recompute == "none") opt.model.recompute = gpu::Recompute::kNone;
+  else if (recompute == "layer") opt.model.recompute = gpu::Recompute::kLayer;
+  else if (recompute == "auto") {
+    opt.model.recompute = gpu::Recompute::kNone;
+    if (double(gpu::ZeroEngine::plan(cfg, opt, comm.size()).device_total()) > 0.95 * double(gpu::device_memory_info().free))
+      opt.model.recompute = gpu::Recompute::kLayer;
+  } else {
+    throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
+  }
+  const gpu::ZeroMemoryPlan plan = gpu::ZeroEngine::plan(cfg, opt, comm.size());
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.local_rank() % count));
+  if (root) {
+    std::printf("[bench] %s x %d rank%s | %s shape: %.3f B parameters | seq %lld per rank | %s | recompute %s | "
+                "offload %s | weights %s%s%s\n",
+                prop.name, comm.size(), comm.size() == 1 ? "" : "s", model.c_str(), double(table.num_parameters()) / 1e9,
+                (long long)seq, dtype.c_str(), opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
+                offload.c_str(), opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed",
+                mem_limit.empty() ? "" : " | gpu-mem-limit ", mem_limit.c_str());
+    std::printf("[bench] memory plan per rank: %s\n", plan.describe().c_str());
+  }
+  const AdamWConfig adamw{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0};
+  ShardedTrainState state(table, comm, adamw);
+  init_random_shard(state, table, 1234, 0.02f);
+  gpu::ZeroEngine engine(cfg, table, adamw, opt, state);
+
+  const std::vector<PackedBatch> batch = {random_batch(cfg, seq, comm.rank())};
+  double targets = double(batch[0].num_targets());
+  comm.all_reduce_sum(&targets, 1);
+  std::vector<double> times, compute, cpu_opt, wait_w, wait_g;
+  LossSum loss;
+  for (int64_t s = 1; s <= steps; ++s) {
+    comm.barrier();
+    const auto t0 = std::chrono::steady_clock::now();
+    engine.train_step(batch, int64_t(targets), s, 1e-5, &loss);
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    // The slowest rank sets the pace.
+    double v[1] = {secs};
+    comm.all_reduce_max(v, 1);
+    times.push_back(v[0]);
+    const gpu::ZeroTimeline& t = engine.timeline();
+    compute.push_back(t.gpu_compute), cpu_opt.push_back(t.cpu_optimizer), wait_w.push_back(t.wait_weights),
+        wait_g.push_back(t.wait_grads);
+    if (root)
+      std::printf("[bench] step %lld: %.3f s, loss %.4f | gpu compute %.3f s, cpu optimizer %.3f s, waiting for "
+                  "weights %.3f s, for gradients %.3f s\n",
+                  (long long)s, times.back(), loss.mean(), t.gpu_compute, t.cpu_optimizer, t.wait_weights, t.wait_grads);
+  }
+  engine.sync_state();
+  const auto from = [&](const std::vector<double>& v) { return std::vector<double>(v.begin() + warmup, v.end()); };
+  const double step_s = median(from(times));
+  const double tps = double(seq) * comm.size() / step_s;
+  const double fpt = model_flops_per_token(cfg, seq);
+  double peak[1] = {double(engine.peak_device_bytes()) / double(1ull << 30)};
+  comm.all_reduce_max(peak, 1);
+  const NumaUsage numa = host_memory_per_node();
+  if (root) {
+    std::printf("RESULT {\"engine\":\"longtune\",\"model\":\"%s\",\"seq\":%lld,\"mode\":\"%s\",\"world\":%d,"
+                "\"dtype\":\"%s\",\"recompute\":\"%s\",\"weights\":\"%s\",\"gpu_mem_limit\":\"%s\",\"step_s\":%.4f,"
+                "\"tokens_per_s\":%.1f,\"tokens_per_s_per_gpu\":%.1f,\"mfu_vs_790\":%.3f,\"peak_gib\":%.2f,"
+                "\"planned_device_gib\":%.2f,\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_weights_s\":%.4f,"
+                "\"wait_grads_s\":%.4f,\"host_gib\":%.2f,\"loss\":%.4f}\n",
+                model.c_str(), (long long)seq, offload == "none" ? "gpu" : "offload", comm.size(), dtype.c_str(),
+                opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
+                opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed", mem_limit.c_str(), step_s, tps,
+                tps / comm.size(), tps / comm.size() * fpt / 790e12, peak[0],
+                double(plan.device_total()) / double(1ull << 30), median(from(compute)), median(from(cpu_opt)),
+                median(from(wait_w)), median(from(wait_g)), double(numa.total()) / double(1ull << 30), loss.mean());
+    std::printf("[RESULT] peak VRAM per GPU: %.2f GiB (planned %.2f GiB)\n", peak[0],
+                double(plan.device_total()) / double(1ull << 30));
+    std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, times.size() - size_t(warmup));
+    std::printf("[RESULT] tokens per iteration: %lld\n", (long long)(seq * comm.size()));
+    std::printf("[RESULT] throughput: %.1f tokens/s\n", tps);
+    std::printf("[RESULT] %s (rank 0; planned host %.2f GiB per rank)\n", format_numa_usage(numa).c_str(),
+                double(plan.host_total()) / double(1ull << 30));
+  }
+  return 0;
 }
 
 }  // namespace
 
 int run_bench_train(int argc, char** argv) {
-  std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto";
+  std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto", offload = "none",
+              weights = "resident", mem_limit;
   int64_t seq = 16384, steps = 5, warmup = 2;
+  int threads = 0;
   bool nondet = false;
   po::options_description desc("longtune bench train: single-GPU training step on a Llama shape (random weights)");
   desc.add_options()("help,h", "this text")
@@ -69,15 +206,28 @@ int run_bench_train(int argc, char** argv) {
       ("recompute", po::value(&recompute)->default_value(recompute),
        "none (keep activations) | layer (keep layer inputs, recompute) | auto (none when it fits)")
       ("attention", po::value(&attention)->default_value(attention), "attention kernel: auto | tensor-core | sm75 (fp16)")
-      ("nondeterministic-attention", po::bool_switch(&nondet), "fp32 atomics in attention backward (faster)");
+      ("nondeterministic-attention", po::bool_switch(&nondet), "fp32 atomics in attention backward (faster)")
+      ("offload", po::value(&offload)->default_value(offload),
+       "none | optimizer (fp32 state and AdamW on the host) | params (and the weights streamed from the host)")
+      ("weights", po::value(&weights)->default_value(weights), "resident | streamed (per layer, ZeRO-3)")
+      ("gpu-mem-limit", po::value(&mem_limit), "cap this rank's device memory, e.g. 16GiB")
+      ("threads", po::value(&threads)->default_value(threads), "host threads for the CPU optimizer (0: all)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
   if (seq < 2) throw ConfigError("--seq-len: expected at least 2, got " + std::to_string(seq));
   if (steps <= warmup) throw ConfigError("--steps: expected more than --warmup");
   if (cuda::device_count() == 0) throw ConfigError("bench train: expected a CUDA GPU, found none");
 
-  const LlamaConfig cfg = llama_shape(model);
+  const LlamaConfig cfg = gpu::llama_shape_by_name(model);
   const ParamTable table(cfg);
+  std::unique_ptr<Comm> comm = make_comm();
+  if (offload != "none" && offload != "optimizer" && offload != "params")
+    throw ConfigError("--offload: expected none, optimizer or params, got '" + offload + "'");
+  if (weights != "resident" && weights != "streamed")
+    throw ConfigError("--weights: expected resident or streamed, got '" + weights + "'");
+  if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty())
+    return run_bench_train_sharded(cfg, table, *comm, model, seq, steps, warmup, dtype, recompute, attention, nondet,
+                                   offload, weights, mem_limit, threads);
   gpu::GpuEngineOptions opt;
   if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
   else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;
@@ -97,21 +247,7 @@ int run_bench_train(int argc, char** argv) {
   gpu::GpuEngine engine(cfg, table, AdamWConfig{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0}, opt);
   engine.init_random(1234);
 
-  // One document of seq tokens, random ids; targets are the next tokens (the anchor's labels=ids).
-  PackedBatch b;
-  b.rows = 1;
-  b.seq_len = seq;
-  b.tokens.resize(size_t(seq));
-  uint64_t x = 88172645463325252ull;
-  for (auto& t : b.tokens) {
-    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-    t = int32_t(x % uint64_t(cfg.vocab_size));
-  }
-  b.targets.assign(size_t(seq), -1);
-  for (int64_t t = 0; t + 1 < seq; ++t) b.targets[size_t(t)] = b.tokens[size_t(t + 1)];
-  b.positions.resize(size_t(seq));
-  for (int64_t t = 0; t < seq; ++t) b.positions[size_t(t)] = int32_t(t);
-  b.cu_seqlens = {0, int32_t(seq)};
+  const PackedBatch b = random_batch(cfg, seq, 0);
   const int64_t targets = b.num_targets();
 
   std::vector<double> times;

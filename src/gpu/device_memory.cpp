@@ -47,9 +47,34 @@ PinnedBuffer::~PinnedBuffer() {
   if (ptr_) cudaFreeHost(ptr_);
 }
 
+namespace {
+void* g_ballast = nullptr;  // --gpu-mem-limit: the memory this process must not use
+size_t g_ballast_bytes = 0;
+}  // namespace
+
+void limit_device_memory(size_t limit) {
+  LT_CHECK(g_ballast == nullptr, "limit_device_memory called twice");
+  size_t free = 0, total = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  if (limit >= total) return;  // nothing to take away
+  const size_t ballast = total - limit;
+  if (ballast > free)
+    throw ConfigError("--gpu-mem-limit " + format_bytes(double(limit)) + ": this GPU has only " +
+                      format_bytes(double(free)) + " free of " + format_bytes(double(total)) +
+                      ", so the cap cannot be emulated (other processes use " + format_bytes(double(total - free)) + ")");
+  const cudaError_t err = cudaMalloc(&g_ballast, ballast);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    throw ConfigError("--gpu-mem-limit: cudaMalloc of the " + format_bytes(double(ballast)) +
+                      " ballast failed: " + cudaGetErrorString(err));
+  }
+  g_ballast_bytes = ballast;
+}
+
 DeviceMemoryInfo device_memory_info() {
   DeviceMemoryInfo m;
   CUDA_CHECK(cudaMemGetInfo(&m.free, &m.total));
+  m.total -= g_ballast_bytes;  // the emulated GPU (the ballast is already out of `free`)
   return m;
 }
 

@@ -57,6 +57,11 @@ struct DeviceMemoryInfo {
   size_t free = 0, total = 0;
 };
 DeviceMemoryInfo device_memory_info();
+// --gpu-mem-limit: makes the current GPU look like one of `limit` bytes by allocating the rest once
+// (a ballast held for the process's life), so every later allocation -- ours, cuBLAS's, NCCL's --
+// meets the smaller card's limit for real; device_memory_info() then reports the emulated total.
+// No effect when limit >= the GPU's memory. ConfigError when the GPU has too little free memory.
+void limit_device_memory(size_t limit);
 std::string format_bytes(double bytes);  // "12.3 GiB"
 
 }  // namespace longtune::gpu

@@ -6,7 +6,9 @@
 #include "kernels/cuda/cuda_check.cuh"
 #include "src/common/error.hpp"
 #include "src/gpu/gpu_engine.hpp"
+#include "src/gpu/zero_engine.hpp"
 #include "src/train/device_engine.hpp"
+#include "src/train/sharded_state.hpp"
 
 namespace longtune {
 
@@ -42,7 +44,10 @@ class GpuDeviceEngine final : public DeviceEngine {
       r.skipped = true;
       return r;
     }
-    for (const PackedBatch& b : micro_batches) r.loss += engine_.accumulate(b, global_targets);
+    for (const PackedBatch& b : micro_batches) {
+      r.loss += engine_.accumulate(b, global_targets);
+      r.tokens += b.num_tokens();
+    }
     const gpu::GpuStepInfo info = engine_.optimizer_step(step, lr);
     r.optim = info.optim;
     r.skipped = info.skipped;
@@ -73,7 +78,98 @@ class GpuDeviceEngine final : public DeviceEngine {
   double peak_flops_ = 0;
 };
 
+std::string gpu_name(int device) {
+  cudaDeviceProp p{};
+  CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+  return "GPU " + std::to_string(device) + ": " + p.name + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) +
+         ")";
+}
+
+// Several ranks (NCCL) and/or ZeRO-Offload: gpu::ZeroEngine on the trainer's own shard.
+class ZeroDeviceEngine final : public DeviceEngine {
+ public:
+  ZeroDeviceEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
+                   const gpu::ZeroEngineOptions& opt, ShardedTrainState& state)
+      : state_(state), engine_(cfg, table, adamw, opt, state), opt_(opt) {
+    CUDA_CHECK(cudaGetDevice(&device_));
+    peak_flops_ = device_peak_flops(device_);
+  }
+
+  void upload_state(const float* master, const float* m, const float* v) override {
+    const size_t n = size_t(state_.shard_len());
+    if (master != state_.master()) std::copy_n(master, n, state_.master());
+    if (m && m != state_.exp_avg()) std::copy_n(m, n, state_.exp_avg());
+    if (v && v != state_.exp_avg_sq()) std::copy_n(v, n, state_.exp_avg_sq());
+    engine_.state_changed();
+  }
+  void download_state(float* master, float* m, float* v) override {
+    engine_.sync_state();
+    const size_t n = size_t(state_.shard_len());
+    if (master && master != state_.master()) std::copy_n(state_.master(), n, master);
+    if (m && m != state_.exp_avg()) std::copy_n(state_.exp_avg(), n, m);
+    if (v && v != state_.exp_avg_sq()) std::copy_n(state_.exp_avg_sq(), n, v);
+  }
+
+  DeviceStepResult train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets, int64_t step,
+                              double lr) override {
+    DeviceStepResult r;
+    const gpu::GpuStepInfo info = engine_.train_step(micro_batches, global_targets, step, lr, &r.loss);
+    r.optim = info.optim;
+    r.skipped = info.skipped;
+    r.loss_scale = info.loss_scale;
+    double tokens = 0;
+    if (global_targets > 0)
+      for (const PackedBatch& b : micro_batches) tokens += double(b.num_tokens());
+    state_.comm().all_reduce_sum(&tokens, 1);
+    r.tokens = int64_t(tokens);
+    return r;
+  }
+
+  LossSum evaluate(const PackedBatch& batch) override { return engine_.evaluate(batch); }
+  double loss_scale() const override { return engine_.loss_scale(); }
+  void set_loss_scale(double s) override { engine_.set_loss_scale(s); }
+
+  std::string describe() const override {
+    const char* opt_place = opt_.optimizer == gpu::OptimizerPlace::kHost ? "optimizer on the host (ZeRO-Offload)"
+                                                                          : "optimizer on the GPU";
+    const char* w_place = opt_.weights == gpu::WeightPlace::kResident ? "weights resident" : "weights streamed per layer";
+    return gpu_name(device_) + " | " + std::to_string(engine_.world()) + " rank" + (engine_.world() == 1 ? "" : "s") +
+           " | " + (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | recompute " +
+           (opt_.model.recompute == gpu::Recompute::kNone ? "none" : "per layer") + " | " + opt_place + " | " +
+           w_place + " | memory per rank: " + engine_.memory_plan().describe();
+  }
+  double peak_memory_gib() const override { return double(engine_.peak_device_bytes()) / double(1ull << 30); }
+  double peak_flops() const override { return peak_flops_; }
+  std::string step_metrics_json() const override {
+    const gpu::ZeroTimeline& t = engine_.timeline();
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  ",\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_grads_s\":%.4f,\"wait_weights_s\":%.4f,"
+                  "\"exposed_s\":%.4f",
+                  t.gpu_compute, t.cpu_optimizer, t.wait_grads, t.wait_weights, std::max(0.0, t.step - t.gpu_compute));
+    return buf;
+  }
+
+ private:
+  ShardedTrainState& state_;
+  gpu::ZeroEngine engine_;
+  gpu::ZeroEngineOptions opt_;
+  int device_ = 0;
+  double peak_flops_ = 0;
+};
+
 }  // namespace
+
+static void check_dtype(const std::string& dtype) {
+  if (dtype != "bf16") return;
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp p{};
+  CUDA_CHECK(cudaGetDeviceProperties(&p, dev));
+  if (p.major < 8)
+    throw ConfigError("--dtype bf16: expected a GPU of compute capability 8.0 or newer, got " + std::string(p.name) +
+                      " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + "): use --dtype fp16");
+}
 
 void check_device(const TrainConfig& cfg) {
   if (cuda::device_count() == 0)
@@ -87,22 +183,57 @@ void check_device(const TrainConfig& cfg) {
   }
 }
 
+namespace {
+
+gpu::GpuModelOptions model_options(const DeviceEngineOptions& o) {
+  gpu::GpuModelOptions m;
+  m.compute_dtype = o.dtype == "fp16" ? DType::F16 : DType::BF16;
+  m.max_tokens = o.max_tokens;
+  m.attention_kernel = gpu::attention_kernel_from_name(o.attention);
+  return m;
+}
+
+}  // namespace
+
+std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, const LlamaConfig& model_cfg,
+                                                 const ParamTable& table, ShardedTrainState& state) {
+  Comm& comm = state.comm();
+  const int count = cuda::device_count();
+  if (count == 0)
+    throw ConfigError("--device cuda: expected a visible CUDA GPU, found none (CUDA_VISIBLE_DEVICES, driver?)");
+  // One rank per GPU: local rank i takes GPU i (Slurm's --gpus-per-task or CUDA_VISIBLE_DEVICES may
+  // already have narrowed the list to one).
+  if (comm.local_size() > count)
+    throw ConfigError("--device cuda: expected one GPU per rank, got " + std::to_string(comm.local_size()) +
+                      " ranks on this node and " + std::to_string(count) + " visible GPUs");
+  CUDA_CHECK(cudaSetDevice(comm.local_rank() % count));
+  if (o.gpu_mem_limit > 0) gpu::limit_device_memory(size_t(o.gpu_mem_limit));
+  const bool sharded = comm.size() > 1 || o.offload != "none" || o.weights == "streamed";
+  if (!sharded) return make_device_engine(o, model_cfg, table);
+  check_dtype(o.dtype);
+  gpu::ZeroEngineOptions opt;
+  opt.model = model_options(o);
+  opt.optimizer = o.offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
+  opt.weights = (o.offload == "params" || o.weights == "streamed") ? gpu::WeightPlace::kStreamed
+                                                                   : gpu::WeightPlace::kResident;
+  opt.model.recompute = o.recompute == "none" ? gpu::Recompute::kNone : gpu::Recompute::kLayer;
+  if (o.recompute == "auto") {
+    opt.model.recompute = gpu::Recompute::kNone;
+    if (double(gpu::ZeroEngine::plan(model_cfg, opt, comm.size()).device_total()) >
+        0.95 * double(gpu::device_memory_info().free))
+      opt.model.recompute = gpu::Recompute::kLayer;
+  }
+  return std::make_unique<ZeroDeviceEngine>(model_cfg, table, o.adamw, opt, state);
+}
+
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, const LlamaConfig& model_cfg,
                                                  const ParamTable& table) {
   if (cuda::device_count() == 0)
     throw ConfigError("--device cuda: expected a visible CUDA GPU, found none (CUDA_VISIBLE_DEVICES, driver?)");
   gpu::GpuEngineOptions opt;
-  opt.model.compute_dtype = o.dtype == "fp16" ? DType::F16 : DType::BF16;
-  opt.model.max_tokens = o.max_tokens;
-  opt.model.attention_kernel = gpu::attention_kernel_from_name(o.attention);
+  opt.model = model_options(o);
   opt.model.recompute = gpu::GpuEngine::choose_recompute(o.recompute, model_cfg, opt);
-  if (opt.model.compute_dtype == DType::BF16) {
-    cudaDeviceProp p{};
-    CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
-    if (p.major < 8)
-      throw ConfigError("--dtype bf16: expected a GPU of compute capability 8.0 or newer, got " + std::string(p.name) +
-                        " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + "): use --dtype fp16");
-  }
+  check_dtype(o.dtype);
   return std::make_unique<GpuDeviceEngine>(model_cfg, table, o.adamw, opt);
 }
 

@@ -10,6 +10,9 @@ DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
   o.dtype = cfg.dtype;
   o.recompute = cfg.recompute;
   o.attention = cfg.attention;
+  o.offload = cfg.offload;
+  o.weights = cfg.weights;
+  if (!cfg.gpu_mem_limit.empty()) o.gpu_mem_limit = parse_byte_size(cfg.gpu_mem_limit, "gpu-mem-limit");
   o.max_tokens = cfg.seq_len * cfg.micro_batch;
   o.adamw = cfg.adamw;
   return o;
@@ -19,6 +22,11 @@ DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
 // CPU-only build: src/gpu is not compiled.
 void check_device(const TrainConfig& cfg) {
   throw ConfigError("--device " + cfg.device + ": expected cpu, this longtune was built without CUDA");
+}
+
+std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig& cfg,
+                                                 const ParamTable& table, ShardedTrainState&) {
+  return make_device_engine(opt, cfg, table);
 }
 
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig&,

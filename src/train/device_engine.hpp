@@ -18,7 +18,8 @@ namespace longtune {
 class ParamTable;
 
 struct DeviceStepResult {
-  LossSum loss;
+  LossSum loss;              // over the whole global batch (all ranks)
+  int64_t tokens = 0;        // packed tokens of the whole global batch (0 when skipped for lack of targets)
   AdamWStepInfo optim;
   bool skipped = false;      // fp16 overflow: no update this step
   double loss_scale = 1.0;
@@ -27,7 +28,8 @@ struct DeviceStepResult {
 class DeviceEngine {
  public:
   virtual ~DeviceEngine() = default;
-  // Full flat host arrays (ParamTable layout).
+  // This rank's shard of the flat arrays (ShardLayout; one rank: the whole ParamTable layout). The
+  // sharded engine works on the ShardedTrainState's own arrays: these calls then only synchronize.
   virtual void upload_state(const float* master, const float* exp_avg, const float* exp_avg_sq) = 0;
   virtual void download_state(float* master, float* exp_avg, float* exp_avg_sq) = 0;
   virtual DeviceStepResult train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets,
@@ -40,6 +42,9 @@ class DeviceEngine {
   virtual double peak_memory_gib() const = 0;
   // Model FLOPs per second at 100% MFU (the device's bf16/fp16 dense peak).
   virtual double peak_flops() const = 0;
+  // Extra fields for the step's metrics line (JSON members without braces, leading comma), e.g. the
+  // offload timeline; empty when the engine has none.
+  virtual std::string step_metrics_json() const { return ""; }
 };
 
 // Preflight for cfg.device ("cuda"), run before anything is loaded: a GPU is visible, this build has
@@ -52,6 +57,9 @@ struct DeviceEngineOptions {
   std::string dtype = "bf16";      // bf16 | fp16
   std::string recompute = "auto";  // none | layer | auto (none when the plan fits)
   std::string attention = "auto";  // auto | tensor-core | sm75
+  std::string offload = "none";    // none | optimizer | params
+  std::string weights = "resident";  // resident | streamed
+  int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
   int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
   AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)
 };
@@ -59,8 +67,15 @@ struct DeviceEngineOptions {
 // The engine options of a training run.
 DeviceEngineOptions device_engine_options(const TrainConfig& cfg);
 
-// The engine for opt.device ("cuda"); throws ConfigError when this build or machine cannot run it,
-// or when the run does not fit (with the memory plan's numbers), before any step.
+class ShardedTrainState;
+
+// The engine for opt.device ("cuda") on GPU local_rank of this node: the single-GPU engine, or the
+// sharded one (src/gpu/zero_engine.hpp) for several ranks or any offload, working on `state`.
+// Throws ConfigError when this build or machine cannot run it, or when the run does not fit (with
+// the memory plan's numbers), before any step.
+std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig& model_cfg,
+                                                 const ParamTable& table, ShardedTrainState& state);
+// The single-GPU engine on GPU 0 with its own state (evaluation: upload weights, forward only).
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig& model_cfg,
                                                  const ParamTable& table);
 

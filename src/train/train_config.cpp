@@ -1,5 +1,6 @@
 #include "src/train/train_config.hpp"
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -32,7 +33,8 @@ const std::map<std::string, std::string>& option_sections() {
       {"keep-last", "train"},       {"resume", "train"},          {"eval-every", "train"},
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
       {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
-      {"attention", "gpu"},
+      {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
+      {"gpu-mem-limit", "gpu"},
   };
   return sections;
 }
@@ -76,7 +78,10 @@ po::options_description make_description(TrainConfig* c) {
       ("device", po::value(&c->device), "[gpu] cpu or cuda (one GPU per rank; default cpu)")
       ("dtype", po::value(&c->dtype), "[gpu] GPU compute dtype: bf16 or fp16 (fp16: dynamic loss scaling, for V100)")
       ("recompute", po::value(&c->recompute), "[gpu] activations: none (keep all), layer (keep each layer's input and recompute), auto (none when it fits)")
-      ("attention", po::value(&c->attention), "[gpu] attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 with V100/T4-class instructions only)");
+      ("attention", po::value(&c->attention), "[gpu] attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 with V100/T4-class instructions only)")
+      ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
+      ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
+      ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)");
   return desc;
 }
 
@@ -200,8 +205,33 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
           "auto, tensor-core or sm75", "'" + c.attention + "'");
   require(c.attention != "sm75" || c.dtype == "fp16", "attention", "--dtype fp16 with the sm75 kernel (it has no bf16)",
           "--dtype " + c.dtype);
+  require(c.offload == "none" || c.offload == "optimizer" || c.offload == "params", "offload",
+          "none, optimizer or params", "'" + c.offload + "'");
+  require(c.weights == "resident" || c.weights == "streamed", "weights", "resident or streamed", "'" + c.weights + "'");
+  if (!c.gpu_mem_limit.empty()) parse_byte_size(c.gpu_mem_limit, "gpu-mem-limit");
   *out = c;
   return true;
+}
+
+int64_t parse_byte_size(const std::string& text, const std::string& what) {
+  size_t used = 0;
+  double value = 0;
+  try {
+    value = std::stod(text, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  std::string unit = text.substr(used);
+  for (auto& ch : unit) ch = char(std::toupper(static_cast<unsigned char>(ch)));
+  double scale = 0;
+  if (unit.empty() || unit == "B") scale = 1;
+  else if (unit == "K" || unit == "KIB" || unit == "KB") scale = 1024.0;
+  else if (unit == "M" || unit == "MIB" || unit == "MB") scale = 1024.0 * 1024;
+  else if (unit == "G" || unit == "GIB" || unit == "GB") scale = 1024.0 * 1024 * 1024;
+  else if (unit == "T" || unit == "TIB" || unit == "TB") scale = 1024.0 * 1024 * 1024 * 1024;
+  if (used == 0 || scale == 0 || !(value > 0) || value * scale > 9e18)
+    throw ConfigError(what + ": expected a size like 16GiB, 48G or 512MiB, got '" + text + "'");
+  return int64_t(value * scale);
 }
 
 std::string to_ini(const TrainConfig& c) {
@@ -227,7 +257,8 @@ std::string to_ini(const TrainConfig& c) {
     << "\nlog-every = " << c.log_every << "\nthreads = " << c.threads << "\n";
   s << "\n[gpu]\n";
   s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\nattention = "
-    << c.attention << "\n";
+    << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights << "\n";
+  if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();
 }

@@ -43,10 +43,17 @@ struct TrainConfig {
   std::string dtype = "bf16";     // compute dtype on the GPU: bf16 | fp16 (fp16: dynamic loss scaling)
   std::string recompute = "auto"; // activations: none (keep all) | layer (keep layer inputs) | auto (none if it fits)
   std::string attention = "auto"; // attention kernel: auto | tensor-core | sm75 (fp16 only: the V100/T4 path)
+  std::string offload = "none";   // none | optimizer (fp32 state + AdamW on the host) | params (also stream the weights)
+  std::string weights = "resident"; // resident (every GPU holds all compute weights) | streamed (per block, ZeRO-3)
+  std::string gpu_mem_limit;      // e.g. 16GiB: cap the device memory this rank may use (emulates a smaller GPU)
 
   bool builtin_model() const { return model_dir.empty(); }
   bool builtin_data() const { return data.empty(); }
 };
+
+// "16GiB", "48G", "512MiB", "1.5TiB", "123456" (bytes; K/M/G/T and KiB/MiB/GiB/TiB are powers of
+// 1024) -> bytes. Throws ConfigError naming `what` on anything else.
+int64_t parse_byte_size(const std::string& text, const std::string& what);
 
 // Parses argv (after "train"); a --config FILE is read as INI. Fills in task defaults for unset
 // values, validates, and throws ConfigError naming the file or option and what was expected.

@@ -174,11 +174,9 @@ void Trainer::Impl::setup() {
   double resumed_loss_scale = 0.0;
   const bool resumed = try_resume(&resumed_loss_scale);
   if (cfg.device == "cuda") {
-    if (comm.size() != 1)
-      throw ConfigError("--device cuda: expected one rank (multi-GPU runs need the NCCL backend), got " +
-                        std::to_string(comm.size()) + " ranks");
-    // Refuses a run that cannot fit, with the memory plan, before any step.
-    device = make_device_engine(device_engine_options(cfg), model_cfg, *table);
+    // Refuses a run that cannot fit, with the memory plan, before any step. Several ranks or any
+    // offload: the sharded engine, working on this rank's shard in `state` itself.
+    device = make_device_engine(device_engine_options(cfg), model_cfg, *table, *state);
     device->upload_state(state->master(), state->exp_avg(), state->exp_avg_sq());
     if (resumed && resumed_loss_scale > 0.0) device->set_loss_scale(resumed_loss_scale);
   }
@@ -347,8 +345,7 @@ TrainOutcome Trainer::Impl::run() {
       r.loss = d.loss;
       r.optim = d.optim;
       r.skipped = d.skipped;
-      if (batch.global_targets > 0)
-        for (const PackedBatch& mb : batch.micro_batches) r.tokens += mb.num_tokens();
+      r.tokens = d.tokens;
     } else {
       r = sharded_train_step(*model, *state, batch.micro_batches, batch.global_targets, step, lr);
     }
@@ -364,7 +361,8 @@ TrainOutcome Trainer::Impl::run() {
             << ",\"step_seconds\":" << secs << ",\"tokens_per_s\":" << double(r.tokens) / secs
             << ",\"mfu\":" << mfu_json(double(r.tokens) / secs) << ",\"peak_vram_gib\":" << vram_json()
             << ",\"peak_rss_mib\":" << peak_rss_mib() << ",\"eta_s\":" << eta
-            << ",\"skipped\":" << (r.skipped ? "true" : "false") << "}\n";
+            << ",\"skipped\":" << (r.skipped ? "true" : "false") << (device ? device->step_metrics_json() : "")
+            << "}\n";
     if (root) metrics.flush();
     if (root && (step % cfg.log_every == 0 || step == cfg.steps || step == start_step + 1)) {
       std::string gpu_part;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's suite, in one call (device time is scarce): GPU tests, a GPU training run of
 # the built-in task, then `longtune bench train` beside the PyTorch anchor on the same GPU.
-#   tests/bench/gpu_suite.sh DIR [tests|eval|train|resume|bench|nondet|attn|kernels ...]
+#   tests/bench/gpu_suite.sh DIR [tests|eval|train|resume|bench|nondet|attn|kernels|mpi|comm|scaling|offload|plan|resume-offload ...]
 # DIR holds bin/ and lib/ as env/pack-device.sh gathers them (plus anchor_torch.py / anchor_attn.py
 # for the bench parts). Logs go to $OUT (or /tmp/gpu_suite).
 set -uo pipefail
@@ -49,6 +49,52 @@ for part in "$@"; do
     kernels)
       "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaKernelBench*:*CudaMatmulBench*' \
         2>&1 | tee "$out/kernel_bench.log" | grep -vE "^\[ (RUN|      OK) " | tail -40 ;;
+    mpi)
+      # Multi-GPU tests (NCCL): one rank per GPU.
+      n=$(nvidia-smi -L | wc -l)
+      mpirun --allow-run-as-root -np "$n" -x LD_LIBRARY_PATH -x LONGTUNE_FIXTURE_DIR -x OMP_NUM_THREADS \
+        "$dir/bin/longtune_mpi_tests" --gtest_filter='DeviceCommMpi.*:ZeroEngineMpi.*' 2>&1 | tee "$out/mpi_tests.log" \
+        | grep -E "^\[  (FAILED|PASSED|SKIPPED) |OK \]|FAILED|zero-mpi" ;;
+    comm)
+      n=$(nvidia-smi -L | wc -l)
+      mpirun --allow-run-as-root -np "$n" -x LD_LIBRARY_PATH "$dir/bin/longtune" bench comm 2>&1 | tee "$out/bench_comm.log" | tail -30 ;;
+    scaling)
+      # Weak scaling, 3B shape at 16K tokens per GPU, optimizer and weights on the GPUs, 1 -> 2 -> 4 ranks.
+      n=$(nvidia-smi -L | wc -l)
+      for np in 1 2 4; do
+        [ "$np" -le "$n" ] || continue
+        mpirun --allow-run-as-root -np "$np" -x LD_LIBRARY_PATH -x OMP_NUM_THREADS --bind-to none "$dir/bin/longtune" bench train \
+          --model 3b --seq-len 16384 --offload none --weights "${SCALING_WEIGHTS:-resident}" --recompute "${SCALING_RECOMPUTE:-auto}" --steps 6 --warmup 2 \
+          2>&1 | tee -a "$out/scaling.log" | grep -E "RESULT \{|error|plan"
+      done ;;
+    offload)
+      # 3B at 16K: optimizer on the host (ours) beside FSDP2 CPU offload (the anchor), and ours all on the GPU.
+      OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model 3b --seq-len 16384 --offload optimizer --steps 6 --warmup 2 2>&1 \
+        | tee -a "$out/bench_offload.log" | grep -E "RESULT|error|plan|step"
+      "$dir/bin/longtune" bench train --model 3b --seq-len 16384 --steps 5 --warmup 2 2>&1 | tee -a "$out/bench_offload.log" | grep -E "RESULT \{|error"
+      python3 "$dir/anchor_torch.py" train 3b 16384 offload 2>&1 | tee -a "$out/bench_offload_anchor.log" | grep -E "RESULT|Error" ;;
+    plan)
+      # Planner predictions beside measured peaks (--gpu-mem-limit emulates the smaller GPU).
+      for c in "1b 16384 optimizer resident layer 24GiB" "3b 16384 optimizer resident layer 48GiB" \
+               "3b 32768 params streamed layer 16GiB" "8b 16384 params streamed layer 48GiB"; do
+        set -- $c
+        OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" --offload "$3" --weights "$4" \
+          --recompute "$5" --gpu-mem-limit "$6" --steps 3 --warmup 1 2>&1 | tee -a "$out/plan_vs_measured.log" | grep -E "RESULT|error"
+      done ;;
+    resume-offload)
+      # Offloaded optimizer: N steps straight vs N/2 + stop + resume, exported weights byte-identical.
+      for off in optimizer params; do
+        a=/tmp/ro-$off-a; b=/tmp/ro-$off-b; rm -rf $a $b
+        common="--device cuda --offload $off --steps 40 --eval-every -1 --log-every 20"
+        "$dir/bin/longtune" train $common --run-dir $a > $a.log 2>&1
+        "$dir/bin/longtune" train $common --run-dir $b --stop-after 20 > $b.log 2>&1
+        "$dir/bin/longtune" train $common --run-dir $b >> $b.log 2>&1
+        "$dir/bin/longtune" export --run-dir $a --out $a/hf --dtype fp32 > /dev/null
+        "$dir/bin/longtune" export --run-dir $b --out $b/hf --dtype fp32 > /dev/null
+        if cmp -s $a/hf/model.safetensors $b/hf/model.safetensors; then r=IDENTICAL; else r=DIFFERENT; fi
+        echo "resume --offload $off: 40 steps straight vs 20 + stop + resume: $r ($(grep -h 'accuracy\|final' $a.log | tail -1))" | tee -a "$out/resume.log"
+        tail -3 $a.log >> "$out/resume.log"
+      done ;;
     attn)
       ATTN_BENCH_QUICK=1 "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaAttentionBench*' 2>&1 | tee "$out/attn_bench.log" | tail -12
       python3 "$dir/anchor_attn.py" 2>&1 | tee "$out/attn_anchor.log" | tail -8 ;;

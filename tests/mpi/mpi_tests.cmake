@@ -42,3 +42,15 @@ if(Python3_Interpreter_FOUND)
   set_tests_properties(slurm.preempt_requeue PROPERTIES TIMEOUT 200 PROCESSORS 2 RUN_SERIAL TRUE SKIP_RETURN_CODE 77
     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;OMP_WAIT_POLICY=PASSIVE;OMPI_MCA_rmaps_base_oversubscribe=1")
 endif()
+# DeviceComm (NCCL) on one GPU per rank: skipped on every rank (reported as skipped) without GPUs.
+if(LONGTUNE_HAVE_CUDA)
+  foreach(np 1 2)
+    longtune_add_mpi_test(NAME mpi.device_comm.np${np} NP ${np} FILTER DeviceCommMpi.*)
+    set_tests_properties(mpi.device_comm.np${np} PROPERTIES SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+  endforeach()
+endif()
+# The sharded GPU engine on one GPU per rank against one GPU on the whole batch (skipped without GPUs).
+if(LONGTUNE_HAVE_CUDA)
+  longtune_add_mpi_test(NAME mpi.zero_engine.np2 NP 2 FILTER ZeroEngineMpi.*)
+  set_tests_properties(mpi.zero_engine.np2 PROPERTIES SKIP_REGULAR_EXPRESSION "\\[  SKIPPED \\]")
+endif()

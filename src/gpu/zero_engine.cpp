@@ -1,0 +1,708 @@
+#include "src/gpu/zero_engine.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+
+#include "kernels/cpu/elementwise.hpp"
+#include "kernels/cuda/adamw.cuh"
+#include "kernels/cuda/cuda_check.cuh"
+#include "src/common/error.hpp"
+
+namespace longtune::gpu {
+
+namespace {
+
+constexpr size_t kLibraryAllowance = size_t(512) << 20;  // cuBLASLt, context growth (as GpuEngine)
+constexpr size_t kNcclAllowance = size_t(384) << 20;     // NCCL channels and buffers, per communicator pair
+constexpr int kWeightSlots = 3;  // streamed: this layer, the next (its input norm closes this one), a prefetch
+constexpr int kGradSlots = 2;    // a layer's gradient is reduced while the next one's backward runs
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+cuda::AdamWScalars device_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef) {
+  const AdamWStepScalars h = adamw_step_scalars(cfg, step, lr, grad_coef);
+  cuda::AdamWScalars s;
+  s.lr = h.lr, s.beta1 = h.beta1, s.beta2 = h.beta2, s.eps = h.eps, s.weight_decay = h.weight_decay;
+  s.one_minus_beta1 = h.one_minus_beta1, s.one_minus_beta2 = h.one_minus_beta2, s.lr_times_wd = h.lr_times_wd;
+  s.step_size = h.step_size, s.sqrt_bc2 = h.sqrt_bc2, s.grad_coef = h.grad_coef, s.decay_factor = h.decay_factor;
+  return s;
+}
+
+// Sizes shared by plan() and the constructor.
+struct Sizes {
+  int64_t total_len = 0, shard_len = 0, max_layer = 0, embed = 0, head = 0, max_piece = 0;
+  Sizes(const ParamTable& t, int world) {
+    const ShardLayout layout(t.total_elements(), world);
+    total_len = layout.total_len;
+    shard_len = layout.shard_len;
+    for (int b = 0; b < t.num_blocks(); ++b) {
+      const int64_t n = t.block_end(b) - t.block_begin(b);
+      if (b == ParamTable::kEmbedBlock) embed = n;
+      else if (b == t.head_block()) head = n;
+      else max_layer = std::max(max_layer, n);
+      for (int64_t c : layout.counts(t.block_begin(b), t.block_end(b))) max_piece = std::max(max_piece, c);
+    }
+  }
+};
+
+bool direct_grads(const ZeroEngineOptions& opt, int world) {
+  // One rank, optimizer on the GPU: the model adds straight into the shard's accumulator.
+  return world == 1 && opt.optimizer == OptimizerPlace::kDevice;
+}
+
+}  // namespace
+
+std::string ZeroMemoryPlan::describe() const {
+  std::string s = "device: ";
+  if (optimizer_state) s += "optimizer state " + format_bytes(double(optimizer_state)) + " + ";
+  s += "weights " + format_bytes(double(weights)) + " + gradients " + format_bytes(double(grads)) +
+       " + activations " + format_bytes(double(activations)) + " + libraries " + format_bytes(double(library)) +
+       " = " + format_bytes(double(device_total())) + "; host: state " + format_bytes(double(host_state)) +
+       " + pinned " + format_bytes(double(host_pinned)) + " = " + format_bytes(double(host_total()));
+  return s;
+}
+
+ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions& opt, int world) {
+  const ParamTable table(cfg);
+  const Sizes z(table, world);
+  const size_t cb = 2;  // compute dtype bytes
+  ZeroMemoryPlan p;
+  if (opt.optimizer == OptimizerPlace::kDevice) {
+    p.optimizer_state = 4 * align_up(size_t(z.shard_len) * 4);
+    if (opt.weights == WeightPlace::kStreamed) p.optimizer_state += align_up(size_t(z.shard_len) * cb);
+  }
+  if (opt.weights == WeightPlace::kResident) {
+    p.weights = align_up(size_t(z.total_len) * cb);
+  } else {
+    p.weights = kWeightSlots * align_up(size_t(z.max_layer) * cb) + align_up(size_t(z.embed) * cb) +
+                align_up(size_t(z.head) * cb);
+  }
+  if (!direct_grads(opt, world)) {
+    p.grads = kGradSlots * align_up(size_t(z.max_layer) * 4) + align_up(size_t(z.embed) * 4) +
+              align_up(size_t(z.head) * 4);
+    if (world > 1) p.grads += align_up(size_t(z.max_piece) * 4);
+  }
+  p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
+  p.library = kLibraryAllowance + (world > 1 ? kNcclAllowance : 0);
+  p.host_state = HostArena::bytes_for(std::vector<size_t>(4, size_t(z.shard_len) * sizeof(float)));
+  if (opt.optimizer == OptimizerPlace::kHost)
+    p.host_pinned = round_up_to_pages(size_t(z.shard_len) * cb) + round_up_to_pages(size_t(z.max_piece) * 4);
+  return p;
+}
+
+struct ZeroEngine::Block {
+  int64_t begin = 0, end = 0;   // flat range
+  std::vector<int64_t> counts;  // per rank
+  int64_t piece_offset = 0;     // this rank's piece, within the block
+  int64_t piece_len = 0;
+  int64_t shard_offset = 0;     // the piece, within this rank's shard
+  bool streamed = false;        // weights through the slots
+  uint16_t* weights = nullptr;  // device, not streamed: where the block's weights live
+  int64_t fetched_version = -1; // version of the weights on the device (resident) 
+  float* grad = nullptr;        // device fp32 gradient buffer (dedicated or a slot)
+  int grad_slot = -1;
+  std::unique_ptr<AdamW> adamw; // kHost: the rules for this piece
+  // kHost: how many updates of this block the worker has finished (fetch waits for `version`).
+  std::atomic<int64_t> host_version{0};
+  int64_t len() const { return end - begin; }
+};
+
+struct WeightSlot {
+  uint16_t* data = nullptr;
+  int block = -1;
+  int64_t version = -1;
+  int users = 0;
+  cudaEvent_t released = nullptr;  // compute stream done with the last use
+  cudaEvent_t ready = nullptr;     // fetch done
+  uint64_t last_use = 0;
+};
+
+struct GradSlot {
+  float* data = nullptr;
+  cudaEvent_t consumed = nullptr;  // grad stream done reading it
+};
+
+class ZeroEngine::Access final : public GpuParamAccess {
+ public:
+  explicit Access(ZeroEngine& e) : e_(e) {}
+  const void* acquire(int block) override;
+  void release(int block) override;
+  float* grads(int block) override;
+  void grads_done(int block) override;
+
+  bool forward = true;       // prefetch direction
+  int64_t version = 0;       // weights version (bumped by every update)
+  std::vector<WeightSlot> wslots;
+  std::vector<GradSlot> gslots;
+  std::vector<cudaEvent_t> block_ready;  // resident blocks: fetch done
+  std::vector<cudaEvent_t> grads_done_ev;
+  cudaEvent_t step_start = nullptr, step_end = nullptr;
+  uint64_t use_counter = 0;
+  std::vector<int> slot_of;  // per block, -1 if not in a slot
+  std::vector<int> grad_touched;  // per block: zeroed this micro-batch
+  float* piece = nullptr;         // reduce-scatter output (world > 1)
+  float* host_staging = nullptr;  // kHost, later micro-batches: D2H target before the CPU adds
+  std::unique_ptr<PinnedBuffer> host_staging_holder;
+  std::atomic<bool> staging_free{true};
+
+  int find_slot(int block) const {
+    for (size_t s = 0; s < wslots.size(); ++s)
+      if (wslots[s].block == block && wslots[s].version == version) return int(s);
+    return -1;
+  }
+  int fetch_into_slot(int block);
+  void prefetch(int block);
+
+ private:
+  ZeroEngine& e_;
+};
+
+// ---- weights ------------------------------------------------------------------------------------
+
+// Own piece into place, then the owners' pieces gathered, on the fetch stream. kHost waits for the
+// worker's update of the block first (host wait: the CPU update is what it waits for).
+static void copy_piece_and_gather(ZeroEngine& e, ZeroEngine::Block& b, uint16_t* dest, const uint16_t* host_compute,
+                                  const uint16_t* dev_compute_shard, DeviceComm* comm, cudaStream_t stream) {
+  (void)e;
+  if (b.piece_len > 0) {
+    if (host_compute) {
+      CUDA_CHECK(cudaMemcpyAsync(dest + b.piece_offset, host_compute + b.shard_offset, size_t(b.piece_len) * 2,
+                                 cudaMemcpyHostToDevice, stream));
+    } else if (dev_compute_shard && dest + b.piece_offset != dev_compute_shard + b.shard_offset) {
+      CUDA_CHECK(cudaMemcpyAsync(dest + b.piece_offset, dev_compute_shard + b.shard_offset, size_t(b.piece_len) * 2,
+                                 cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+  if (comm && comm->size() > 1) comm->all_gather_v(dest, dest + b.piece_offset, b.counts, DType::BF16, stream);
+}
+
+void ZeroEngine::fetch(int bi, cudaStream_t) {
+  // Resident block: refresh after an update.
+  Block& b = blocks_[size_t(bi)];
+  if (b.fetched_version == access_->version) return;
+  const auto t0 = Clock::now();
+  if (opt_.optimizer == OptimizerPlace::kHost) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait(lock, [&] { return b.host_version.load() >= access_->version || worker_error_; });
+    if (worker_error_) std::rethrow_exception(worker_error_);
+  }
+  timeline_.wait_weights += seconds_since(t0);
+  const uint16_t* hc = opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(host_compute_->get()) : nullptr;
+  // kDevice + resident: the update wrote this rank's piece in place already.
+  copy_piece_and_gather(*this, b, b.weights, hc, nullptr, fetch_comm_.get(), fetch_stream_);
+  CUDA_CHECK(cudaEventRecord(access_->block_ready[size_t(bi)], fetch_stream_));
+  b.fetched_version = access_->version;
+}
+
+int ZeroEngine::Access::fetch_into_slot(int block) {
+  // Least recently used slot nobody holds.
+  int best = -1;
+  for (size_t s = 0; s < wslots.size(); ++s) {
+    if (wslots[s].users > 0) continue;
+    if (best < 0 || wslots[s].last_use < wslots[size_t(best)].last_use) best = int(s);
+  }
+  LT_CHECK(best >= 0, "ZeroEngine: every weight slot is in use");
+  WeightSlot& ws = wslots[size_t(best)];
+  if (ws.block >= 0 && slot_of[size_t(ws.block)] == best) slot_of[size_t(ws.block)] = -1;
+  ZeroEngine::Block& b = e_.blocks_[size_t(block)];
+  const auto t0 = Clock::now();
+  if (e_.opt_.optimizer == OptimizerPlace::kHost) {
+    std::unique_lock<std::mutex> lock(e_.mu_);
+    e_.cv_.wait(lock, [&] { return b.host_version.load() >= version || e_.worker_error_; });
+    if (e_.worker_error_) std::rethrow_exception(e_.worker_error_);
+  }
+  e_.timeline_.wait_weights += seconds_since(t0);
+  CUDA_CHECK(cudaStreamWaitEvent(e_.fetch_stream_, ws.released, 0));  // the last user is done with it
+  const uint16_t* hc =
+      e_.opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(e_.host_compute_->get()) : nullptr;
+  copy_piece_and_gather(e_, b, ws.data, hc, e_.d_compute_shard_, e_.fetch_comm_.get(), e_.fetch_stream_);
+  CUDA_CHECK(cudaEventRecord(ws.ready, e_.fetch_stream_));
+  ws.block = block;
+  ws.version = version;
+  ws.last_use = ++use_counter;
+  slot_of[size_t(block)] = best;
+  return best;
+}
+
+void ZeroEngine::Access::prefetch(int block) {
+  if (block < 1 || block >= e_.table_.head_block()) return;  // layer blocks only
+  if (find_slot(block) >= 0) return;
+  for (const WeightSlot& ws : wslots)
+    if (ws.users == 0) {
+      fetch_into_slot(block);
+      return;
+    }
+}
+
+const void* ZeroEngine::Access::acquire(int block) {
+  ZeroEngine::Block& b = e_.blocks_[size_t(block)];
+  if (!b.streamed) {
+    e_.fetch(block, e_.compute_);
+    CUDA_CHECK(cudaStreamWaitEvent(e_.compute_, block_ready[size_t(block)], 0));
+    return block_base(b.weights, b.begin, 2);
+  }
+  int s = find_slot(block);
+  if (s < 0) s = fetch_into_slot(block);
+  WeightSlot& ws = wslots[size_t(s)];
+  ++ws.users;
+  ws.last_use = ++use_counter;
+  CUDA_CHECK(cudaStreamWaitEvent(e_.compute_, ws.ready, 0));
+  prefetch(forward ? block + 1 : block - 1);
+  return block_base(ws.data, b.begin, 2);
+}
+
+void ZeroEngine::Access::release(int block) {
+  ZeroEngine::Block& b = e_.blocks_[size_t(block)];
+  if (!b.streamed) return;
+  const int s = find_slot(block);
+  LT_CHECK(s >= 0 && wslots[size_t(s)].users > 0, "ZeroEngine: release of a block that is not acquired");
+  WeightSlot& ws = wslots[size_t(s)];
+  CUDA_CHECK(cudaEventRecord(ws.released, e_.compute_));
+  --ws.users;
+}
+
+// ---- gradients ----------------------------------------------------------------------------------
+
+float* ZeroEngine::Access::grads(int block) {
+  ZeroEngine& e = e_;
+  forward = false;  // backward has begun: prefetch downwards
+  ZeroEngine::Block& b = e.blocks_[size_t(block)];
+  if (direct_grads(e.opt_, e.world_)) return e.d_grad_;  // shard == the whole flat space
+  if (!grad_touched[size_t(block)]) {
+    grad_touched[size_t(block)] = 1;
+    if (b.grad_slot >= 0) {
+      GradSlot& gs = gslots[size_t(b.grad_slot)];
+      b.grad = gs.data;
+      CUDA_CHECK(cudaStreamWaitEvent(e.compute_, gs.consumed, 0));
+    }
+    CUDA_CHECK(cudaMemsetAsync(b.grad, 0, size_t(b.len()) * 4, e.compute_));
+  }
+  return const_cast<float*>(static_cast<const float*>(block_base(b.grad, b.begin, 4)));
+}
+
+void ZeroEngine::Access::grads_done(int block) {
+  ZeroEngine& e = e_;
+  if (direct_grads(e.opt_, e.world_)) return;
+  ZeroEngine::Block& b = e.blocks_[size_t(block)];
+  if (!grad_touched[size_t(block)]) grads(block);  // no gradient reached it: zeros (still collective)
+  grad_touched[size_t(block)] = 0;
+  cudaStream_t gs = e.grad_stream_;
+  CUDA_CHECK(cudaEventRecord(grads_done_ev[size_t(block)], e.compute_));
+  CUDA_CHECK(cudaStreamWaitEvent(gs, grads_done_ev[size_t(block)], 0));
+  const bool first = e.micro_index_ == 0;
+  // This rank's reduced piece, on the device.
+  const float* piece_dev = b.grad;  // one rank: the whole block is the piece
+  if (e.world_ > 1) {
+    float* out = piece;
+    if (e.opt_.optimizer == OptimizerPlace::kDevice && first) out = e.d_grad_ + b.shard_offset;
+    e.grad_comm_->reduce_scatter_v(out, b.grad, b.counts, DType::F32, gs);
+    piece_dev = out;
+  }
+  if (b.piece_len > 0) {
+    if (e.opt_.optimizer == OptimizerPlace::kDevice) {
+      if (!(e.world_ > 1 && first)) {
+        if (first) CUDA_CHECK(cudaMemcpyAsync(e.d_grad_ + b.shard_offset, piece_dev, size_t(b.piece_len) * 4,
+                                              cudaMemcpyDeviceToDevice, gs));
+        else cuda::accumulate_f32(e.d_grad_ + b.shard_offset, piece_dev, b.piece_len, gs);
+      }
+    } else if (first) {
+      CUDA_CHECK(cudaMemcpyAsync(e.state_.grad_shard() + b.shard_offset, piece_dev, size_t(b.piece_len) * 4,
+                                 cudaMemcpyDeviceToHost, gs));
+    } else {
+      // Later micro-batches: through the staging buffer; the worker adds it on the CPU.
+      {
+        const auto t0 = Clock::now();
+        std::unique_lock<std::mutex> lock(e.mu_);
+        e.cv_.wait(lock, [&] { return staging_free.load() || e.worker_error_; });
+        if (e.worker_error_) std::rethrow_exception(e.worker_error_);
+        e.timeline_.wait_grads += seconds_since(t0);
+      }
+      staging_free = false;
+      CUDA_CHECK(cudaMemcpyAsync(host_staging, piece_dev, size_t(b.piece_len) * 4, cudaMemcpyDeviceToHost, gs));
+      cudaEvent_t copied = grads_done_ev[size_t(block)];  // reuse: recorded again below on gs
+      CUDA_CHECK(cudaEventRecord(copied, gs));
+      float* acc = e.state_.grad_shard() + b.shard_offset;
+      const int64_t n = b.piece_len;
+      float* src = host_staging;
+      e.submit([this, copied, acc, src, n] {
+        CUDA_CHECK(cudaEventSynchronize(copied));
+        cpu::accumulate_f32(acc, src, n);
+        staging_free = true;
+      });
+    }
+  }
+  e.timeline_.grad_bytes += double(b.len()) * 4;
+  if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, gs));
+}
+
+// ---- engine -------------------------------------------------------------------------------------
+
+ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
+                       const ZeroEngineOptions& opt, ShardedTrainState& state)
+    : table_(table), adamw_cfg_(adamw), opt_(opt), state_(state) {
+  world_ = state.comm().size();
+  rank_ = state.comm().rank();
+  if (opt.grad_wire_dtype != DType::F32)
+    throw ConfigError("--grad-reduce-dtype: only fp32 is implemented, got " + std::string(dtype_name(opt.grad_wire_dtype)));
+  plan_ = plan(cfg, opt, world_);
+  const DeviceMemoryInfo mem = device_memory_info();
+  baseline_used_ = mem.total - mem.free;
+  if (plan_.device_total() > mem.free)
+    throw ConfigError("GPU memory: this run needs " + plan_.describe() + ", the GPU has " +
+                      format_bytes(double(mem.free)) + " free of " + format_bytes(double(mem.total)) +
+                      " (shorter --seq-len, --recompute layer, --offload optimizer, --stream-weights)");
+  const Sizes z(table, world_);
+  LT_CHECK(z.shard_len == state.shard_len(), "ZeroEngine: the state's shard does not match the layout");
+
+  if (world_ > 1) {
+    fetch_comm_ = make_device_comm(state.comm());
+    grad_comm_ = make_device_comm(state.comm());
+  }
+  CUDA_CHECK(cudaStreamCreateWithFlags(&compute_, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&fetch_stream_, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaStreamCreateWithFlags(&grad_stream_, cudaStreamNonBlocking));
+
+  // ---- device memory: one arena for everything but the activations ----
+  const std::vector<OptimRange> all_ranges = optim_ranges(table);
+  const int64_t sb = state.shard_begin(), se = sb + z.shard_len;
+  const std::vector<OptimRange> my_ranges = shard_ranges(all_ranges, sb, se);
+  num_ranges_ = int64_t(my_ranges.size());
+  const size_t ranges_bytes = align_up(std::max<size_t>(my_ranges.size(), 1) * sizeof(cuda::DeviceOptimRange));
+  const size_t scratch_bytes = align_up(cuda::adamw_reduce_scratch_bytes(z.shard_len));
+  arena_.allocate(plan_.optimizer_state + plan_.weights + plan_.grads + ranges_bytes + scratch_bytes + 4 * kDeviceAlign,
+                  "sharded GPU engine");
+  if (opt.optimizer == OptimizerPlace::kDevice) {
+    d_master_ = arena_.take_n<float>(z.shard_len);
+    d_exp_avg_ = arena_.take_n<float>(z.shard_len);
+    d_exp_avg_sq_ = arena_.take_n<float>(z.shard_len);
+    d_grad_ = arena_.take_n<float>(z.shard_len);
+    CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, size_t(z.shard_len) * 4, compute_));
+    if (opt.weights == WeightPlace::kStreamed) d_compute_shard_ = arena_.take_n<uint16_t>(z.shard_len);
+  }
+  uint16_t* full = nullptr;
+  if (opt.weights == WeightPlace::kResident) {
+    full = arena_.take_n<uint16_t>(z.total_len);
+    CUDA_CHECK(cudaMemsetAsync(full, 0, size_t(z.total_len) * 2, compute_));  // padding defined
+    if (opt.optimizer == OptimizerPlace::kDevice) d_compute_shard_ = full + sb;  // the update writes in place
+  }
+  access_ = std::make_unique<Access>(*this);
+  Access& A = *access_;
+  blocks_ = std::vector<Block>(size_t(table.num_blocks()));
+  A.slot_of.assign(blocks_.size(), -1);
+  A.grad_touched.assign(blocks_.size(), 0);
+  A.block_ready.resize(blocks_.size());
+  A.grads_done_ev.resize(blocks_.size());
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    CUDA_CHECK(cudaEventCreateWithFlags(&A.block_ready[i], cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&A.grads_done_ev[i], cudaEventDisableTiming));
+  }
+  CUDA_CHECK(cudaEventCreate(&A.step_start));
+  CUDA_CHECK(cudaEventCreate(&A.step_end));
+  if (opt.weights == WeightPlace::kStreamed) {
+    A.wslots.resize(kWeightSlots);
+    for (WeightSlot& ws : A.wslots) {
+      ws.data = arena_.take_n<uint16_t>(z.max_layer);
+      CUDA_CHECK(cudaEventCreateWithFlags(&ws.released, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventCreateWithFlags(&ws.ready, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventRecord(ws.released, compute_));
+    }
+  }
+  const bool direct = direct_grads(opt, world_);
+  if (!direct) {
+    A.gslots.resize(kGradSlots);
+    for (GradSlot& gs : A.gslots) {
+      gs.data = arena_.take_n<float>(z.max_layer);
+      CUDA_CHECK(cudaEventCreateWithFlags(&gs.consumed, cudaEventDisableTiming));
+      CUDA_CHECK(cudaEventRecord(gs.consumed, grad_stream_));
+    }
+    if (world_ > 1) A.piece = arena_.take_n<float>(z.max_piece);
+  }
+  for (int bi = 0; bi < table.num_blocks(); ++bi) {
+    Block& b = blocks_[size_t(bi)];
+    b.begin = table.block_begin(bi);
+    b.end = table.block_end(bi);
+    b.counts = state.layout().counts(b.begin, b.end);
+    for (int r = 0; r < rank_; ++r) b.piece_offset += b.counts[size_t(r)];
+    b.piece_len = b.counts[size_t(rank_)];
+    b.shard_offset = std::max(b.begin, sb) - sb;
+    if (b.piece_len == 0) b.shard_offset = 0;
+    const bool layer = bi != ParamTable::kEmbedBlock && bi != table.head_block();
+    b.streamed = opt.weights == WeightPlace::kStreamed && layer;
+    if (!b.streamed) b.weights = full ? full + b.begin : arena_.take_n<uint16_t>(b.len());
+    if (!direct) {
+      if (layer) b.grad_slot = bi % kGradSlots;
+      else b.grad = arena_.take_n<float>(b.len());
+    }
+    if (opt.optimizer == OptimizerPlace::kHost && b.piece_len > 0)
+      b.adamw = std::make_unique<AdamW>(shard_ranges(all_ranges, b.begin + b.piece_offset,
+                                                     b.begin + b.piece_offset + b.piece_len),
+                                        b.piece_len, adamw);
+  }
+  d_ranges_ = arena_.take(ranges_bytes);
+  reduce_scratch_ = arena_.take(scratch_bytes);
+  d_norm_sq_ = arena_.take_n<double>(1);
+  d_nonfinite_ = arena_.take_n<int32_t>(1);
+  std::vector<cuda::DeviceOptimRange> dev_ranges;
+  for (const OptimRange& r : my_ranges) dev_ranges.push_back({r.offset, r.numel, r.decay ? 1 : 0});
+  if (!dev_ranges.empty())
+    CUDA_CHECK(cudaMemcpy(d_ranges_, dev_ranges.data(), dev_ranges.size() * sizeof(cuda::DeviceOptimRange),
+                          cudaMemcpyHostToDevice));
+  host_flags_ = std::make_unique<PinnedBuffer>(sizeof(double) + sizeof(int32_t));
+  rules_ = std::make_unique<AdamW>(my_ranges, z.shard_len, adamw);
+
+  if (opt.optimizer == OptimizerPlace::kHost) {
+    // The gradient accumulator receives the device-to-host copies: page-lock it in place.
+    CUDA_CHECK(cudaHostRegister(state.grad_shard(), size_t(z.shard_len) * 4, cudaHostRegisterDefault));
+    registered_ = true;
+    host_compute_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * 2);
+    A.host_staging_holder = std::make_unique<PinnedBuffer>(size_t(std::max<int64_t>(z.max_piece, 1)) * 4);
+    A.host_staging = static_cast<float*>(A.host_staging_holder->get());
+  }
+
+  act_arena_.allocate(plan_.activations, "GPU activations");
+  model_ = std::make_unique<LlamaGpu>(cfg, table, opt.model, act_arena_, compute_);
+  loss_scale_ = opt.model.compute_dtype == DType::F16 ? opt.initial_loss_scale : 1.0;
+  worker_ = std::thread([this] { worker_loop(); });
+  state_changed();
+}
+
+ZeroEngine::~ZeroEngine() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (worker_.joinable()) worker_.join();
+  if (compute_) cudaStreamSynchronize(compute_);
+  if (fetch_stream_) cudaStreamSynchronize(fetch_stream_);
+  if (grad_stream_) cudaStreamSynchronize(grad_stream_);
+  model_.reset();
+  if (registered_) cudaHostUnregister(state_.grad_shard());
+  if (access_) {
+    for (cudaEvent_t e : access_->block_ready) cudaEventDestroy(e);
+    for (cudaEvent_t e : access_->grads_done_ev) cudaEventDestroy(e);
+    for (WeightSlot& ws : access_->wslots) cudaEventDestroy(ws.released), cudaEventDestroy(ws.ready);
+    for (GradSlot& gs : access_->gslots) cudaEventDestroy(gs.consumed);
+    cudaEventDestroy(access_->step_start);
+    cudaEventDestroy(access_->step_end);
+  }
+  fetch_comm_.reset();
+  grad_comm_.reset();
+  for (cudaStream_t s : {compute_, fetch_stream_, grad_stream_})
+    if (s) cudaStreamDestroy(s);
+}
+
+// ---- the CPU worker -----------------------------------------------------------------------------
+
+void ZeroEngine::submit(std::function<void()> task) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.push_back(std::move(task));
+  }
+  cv_.notify_all();
+}
+
+void ZeroEngine::wait_worker() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [&] { return (tasks_.empty() && !busy_) || worker_error_; });
+  if (worker_error_) std::rethrow_exception(worker_error_);
+}
+
+void ZeroEngine::worker_loop() {
+  for (;;) {
+    std::function<void()> task;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait(lock, [&] { return stop_ || !tasks_.empty(); });
+      if (stop_ && tasks_.empty()) return;
+      task = std::move(tasks_.front());
+      tasks_.pop_front();
+      busy_ = true;
+    }
+    try {
+      if (!worker_error_) task();
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      worker_error_ = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      busy_ = false;
+    }
+    cv_.notify_all();
+  }
+}
+
+// ---- state --------------------------------------------------------------------------------------
+
+void ZeroEngine::state_changed() {
+  wait_worker();
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const int64_t n = state_.shard_len();
+  ++access_->version;
+  if (opt_.optimizer == OptimizerPlace::kHost) {
+    convert_from_f32(host_compute_->get(), state_.master(), opt_.model.compute_dtype, size_t(n));
+    for (Block& b : blocks_) b.host_version = access_->version;
+  } else {
+    const size_t bytes = size_t(n) * 4;
+    CUDA_CHECK(cudaMemcpyAsync(d_master_, state_.master(), bytes, cudaMemcpyHostToDevice, compute_));
+    CUDA_CHECK(cudaMemcpyAsync(d_exp_avg_, state_.exp_avg(), bytes, cudaMemcpyHostToDevice, compute_));
+    CUDA_CHECK(cudaMemcpyAsync(d_exp_avg_sq_, state_.exp_avg_sq(), bytes, cudaMemcpyHostToDevice, compute_));
+    CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, bytes, compute_));
+    cuda::convert_f32(d_compute_shard_, opt_.model.compute_dtype, d_master_, n, compute_);
+    CUDA_CHECK(cudaStreamSynchronize(compute_));
+  }
+}
+
+void ZeroEngine::sync_state() {
+  wait_worker();
+  if (opt_.optimizer == OptimizerPlace::kDevice) {
+    const size_t bytes = size_t(state_.shard_len()) * 4;
+    CUDA_CHECK(cudaMemcpyAsync(state_.master(), d_master_, bytes, cudaMemcpyDeviceToHost, compute_));
+    CUDA_CHECK(cudaMemcpyAsync(state_.exp_avg(), d_exp_avg_, bytes, cudaMemcpyDeviceToHost, compute_));
+    CUDA_CHECK(cudaMemcpyAsync(state_.exp_avg_sq(), d_exp_avg_sq_, bytes, cudaMemcpyDeviceToHost, compute_));
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+size_t ZeroEngine::peak_device_bytes() const {
+  const DeviceMemoryInfo mem = device_memory_info();
+  return mem.total - mem.free - baseline_used_;
+}
+
+// ---- steps --------------------------------------------------------------------------------------
+
+LossSum ZeroEngine::evaluate(const PackedBatch& batch) {
+  access_->forward = true;
+  return model_->forward(*access_, batch);
+}
+
+GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets,
+                                   int64_t step, double lr, LossSum* loss_out) {
+  const auto t_step = Clock::now();
+  {
+    std::lock_guard<std::mutex> lock(mu_);  // the worker adds its update time
+    timeline_ = ZeroTimeline{};
+  }
+  GpuStepInfo info;
+  info.loss_scale = loss_scale_;
+  info.optim.lr = lr;
+  LossSum loss;
+  Access& A = *access_;
+  if (global_targets > 0) {
+    const double scale = loss_scale_ / double(global_targets);
+    CUDA_CHECK(cudaEventRecord(A.step_start, compute_));
+    for (size_t m = 0; m < micro_batches.size(); ++m) {
+      micro_index_ = int(m);
+      A.forward = true;
+      loss += model_->forward_backward(A, micro_batches[m], scale);
+    }
+    CUDA_CHECK(cudaEventRecord(A.step_end, compute_));
+  }
+  // Global loss and token counts.
+  double sums[2] = {loss.sum, double(loss.count)};
+  state_.comm().all_reduce_sum(sums, 2);
+  loss_out->sum = sums[0];
+  loss_out->count = int64_t(sums[1]);
+  if (global_targets == 0) {
+    info.skipped = true;
+    return info;
+  }
+  // Every gradient at its owner.
+  {
+    const auto t0 = Clock::now();
+    CUDA_CHECK(cudaStreamSynchronize(grad_stream_));
+    CUDA_CHECK(cudaStreamSynchronize(compute_));
+    wait_worker();  // CPU additions of later micro-batches
+    timeline_.wait_grads += seconds_since(t0);
+  }
+  float ms = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, A.step_start, A.step_end));
+  timeline_.gpu_compute = ms * 1e-3;
+
+  bool nonfinite = false;
+  double norm_sq = 0;
+  if (opt_.optimizer == OptimizerPlace::kHost) {
+    norm_sq = rules_->grad_norm_sq(state_.grad_shard());
+    state_.comm().all_reduce_sum(&norm_sq, 1);
+    nonfinite = !std::isfinite(norm_sq);
+  } else {
+    norm_sq = grad_norm_sq_device(&nonfinite);
+  }
+  const bool fp16 = opt_.model.compute_dtype == DType::F16;
+  if (nonfinite) {
+    if (!fp16)
+      throw NumericalError("step " + std::to_string(step) + ": non-finite gradient in bf16 training (inf/nan); "
+                           "lower --lr or check the data");
+    info.skipped = true;
+    info.optim.grad_norm = std::nan("");
+    loss_scale_ = std::max(loss_scale_ * 0.5, 1.0);
+    good_steps_ = 0;
+    if (direct_grads(opt_, world_)) CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, size_t(state_.shard_len()) * 4, compute_));
+  } else {
+    info.optim.grad_norm = std::sqrt(norm_sq) / loss_scale_;
+    info.optim.clip_coef = rules_->clip_coefficient(info.optim.grad_norm);
+    const float grad_coef = info.optim.clip_coef * float(1.0 / loss_scale_);
+    if (opt_.optimizer == OptimizerPlace::kHost) host_update(step, lr, grad_coef);
+    else device_update(step, lr, grad_coef);
+    if (fp16 && ++good_steps_ >= opt_.loss_scale_window) {
+      loss_scale_ *= 2.0;
+      good_steps_ = 0;
+    }
+  }
+  timeline_.step = seconds_since(t_step);
+  return info;
+}
+
+double ZeroEngine::grad_norm_sq_device(bool* nonfinite) {
+  cuda::grad_norm_sq(d_norm_sq_, d_nonfinite_, d_grad_, static_cast<const cuda::DeviceOptimRange*>(d_ranges_),
+                     num_ranges_, state_.shard_len(), reduce_scratch_, compute_);
+  auto* host = static_cast<char*>(host_flags_->get());
+  CUDA_CHECK(cudaMemcpyAsync(host, d_norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, compute_));
+  CUDA_CHECK(cudaMemcpyAsync(host + sizeof(double), d_nonfinite_, sizeof(int32_t), cudaMemcpyDeviceToHost, compute_));
+  CUDA_CHECK(cudaStreamSynchronize(compute_));
+  double v[2] = {*reinterpret_cast<double*>(host), double(*reinterpret_cast<int32_t*>(host + sizeof(double)))};
+  state_.comm().all_reduce_sum(v, 2);
+  *nonfinite = v[1] != 0.0 || !std::isfinite(v[0]);
+  return v[0];
+}
+
+void ZeroEngine::device_update(int64_t step, double lr, float grad_coef) {
+  const cuda::AdamWScalars s = device_scalars(adamw_cfg_, step, lr, grad_coef);
+  cuda::adamw_update(d_master_, d_exp_avg_, d_exp_avg_sq_, d_grad_, d_compute_shard_, opt_.model.compute_dtype,
+                     static_cast<const cuda::DeviceOptimRange*>(d_ranges_), num_ranges_, s, compute_);
+  if (direct_grads(opt_, world_)) CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, size_t(state_.shard_len()) * 4, compute_));
+  // The next fetches (on the fetch stream) read the new compute shard.
+  CUDA_CHECK(cudaEventRecord(access_->step_end, compute_));
+  CUDA_CHECK(cudaStreamWaitEvent(fetch_stream_, access_->step_end, 0));
+  ++access_->version;
+}
+
+void ZeroEngine::host_update(int64_t step, double lr, float grad_coef) {
+  const int64_t version = ++access_->version;
+  auto* hc = static_cast<uint16_t*>(host_compute_->get());
+  // Forward order: the next step's forward waits for each block's update just before using it.
+  for (size_t bi = 0; bi < blocks_.size(); ++bi) {
+    Block* b = &blocks_[bi];
+    submit([this, b, hc, step, lr, grad_coef, version] {
+      const auto t0 = Clock::now();
+      if (b->adamw) {
+        const int64_t o = b->shard_offset;
+        AdamWBuffers buf{state_.master() + o, state_.exp_avg() + o, state_.exp_avg_sq() + o, state_.grad_shard() + o,
+                         hc + o, opt_.model.compute_dtype};
+        b->adamw->update(buf, step, lr, grad_coef);
+      }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        b->host_version = version;
+        timeline_.cpu_optimizer += seconds_since(t0);
+      }
+      cv_.notify_all();
+    });
+  }
+}
+
+}  // namespace longtune::gpu

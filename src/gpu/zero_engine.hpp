@@ -1,0 +1,169 @@
+// The sharded GPU engine: ZeRO across ranks (one GPU each, NCCL) and ZeRO-Offload to the host.
+//
+// The state is the trainer's ShardedTrainState: rank r owns shard r of the padded flat parameter
+// space (fp32 master, exp_avg, exp_avg_sq, gradient accumulator). Where that state lives:
+//   OptimizerPlace::kHost    in place, in the state's NUMA-bound host arena, page-locked with
+//                            cudaHostRegister (no second copy); AdamW runs there, on the CPU, in a
+//                            worker thread (Kokkos), block by block in forward order, so the next
+//                            step's forward starts on the first blocks while the CPU updates the rest.
+//   OptimizerPlace::kDevice  a device copy of the shard; AdamW runs on the GPU.
+// The compute-dtype weights the kernels read:
+//   WeightPlace::kResident   every GPU holds all of them (2 bytes per parameter);
+//   WeightPlace::kStreamed   each block is fetched into one of a few device slots just before use and
+//                            the next one is prefetched while this one computes (parameter offload
+//                            with kHost, ZeRO-3 with kDevice).
+// A block (ParamTable blocks: embedding, each decoder layer, head) spans the shards of one or a few
+// ranks. Fetching a block = each owner copies its piece of the block's compute-dtype shard into
+// place (host-to-device with kHost) and all_gather_v over the owners' pieces. As backward finishes a
+// block, its gradient is reduce_scatter_v'd to the owners on a separate stream (fp32 or bf16 on the
+// wire) and added to their shard accumulators (device) or copied to the host (kHost) while the
+// backward of earlier blocks goes on.
+//
+// fp16 (V100): dynamic loss scaling exactly as GpuEngine does it. Steps with inf/nan gradients are
+// skipped on every rank (the norm is all-reduced).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "src/gpu/device_comm.hpp"
+#include "src/gpu/device_memory.hpp"
+#include "src/gpu/gpu_engine.hpp"
+#include "src/gpu/llama_gpu.hpp"
+#include "src/optim/adamw.hpp"
+#include "src/train/sharded_state.hpp"
+
+namespace longtune::gpu {
+
+enum class OptimizerPlace { kDevice, kHost };
+enum class WeightPlace { kResident, kStreamed };
+
+struct ZeroEngineOptions {
+  GpuModelOptions model;
+  OptimizerPlace optimizer = OptimizerPlace::kHost;
+  WeightPlace weights = WeightPlace::kResident;
+  DType grad_wire_dtype = DType::F32;  // reduce-scatter dtype (F32 or BF16); world size 1: unused
+  double initial_loss_scale = 65536.0;
+  int64_t loss_scale_window = 2000;
+};
+
+// Memory of one rank, by part: what `plan` predicts and `train` refuses on.
+struct ZeroMemoryPlan {
+  // device
+  size_t optimizer_state = 0;  // kDevice: fp32 master, exp_avg, exp_avg_sq, grad of the shard + compute shard
+  size_t weights = 0;          // resident copy, or the streaming slots + the embedding/head blocks
+  size_t grads = 0;            // block gradient buffers and reduce-scatter pieces
+  size_t activations = 0;      // LlamaGpu::activation_bytes
+  size_t library = 0;          // cuBLASLt, NCCL, CUDA context growth (allowance)
+  // host (per rank)
+  size_t host_state = 0;       // the ShardedTrainState arena (4 fp32 arrays of the shard)
+  size_t host_pinned = 0;      // compute-dtype shard + staging (page-locked)
+  size_t device_total() const { return optimizer_state + weights + grads + activations + library; }
+  size_t host_total() const { return host_state + host_pinned; }
+  std::string describe() const;
+};
+
+// Per-step timeline (seconds of the last train_step; metrics and bench).
+struct ZeroTimeline {
+  double step = 0;           // wall time of train_step
+  double gpu_compute = 0;    // forward + backward on the compute stream (events)
+  double cpu_optimizer = 0;  // worker thread: AdamW + compute-dtype copy (kHost) that ran during this step
+                             // (the update of step t overlaps the forward of step t + 1)
+  double wait_grads = 0;     // after backward: waiting for the last gradients to reach their owner
+  double wait_weights = 0;   // compute stream waiting for fetched weights (exposed copy / optimizer time)
+  double grad_bytes = 0;     // bytes reduce-scattered / copied to the host this step
+};
+
+class ZeroEngine {
+ public:
+  static ZeroMemoryPlan plan(const LlamaConfig& cfg, const ZeroEngineOptions& opt, int world);
+
+  // state: this rank's shard (already holding the initial or resumed weights). Throws ConfigError
+  // with the plan's numbers when the device memory does not suffice.
+  ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw, const ZeroEngineOptions& opt,
+             ShardedTrainState& state);
+  ~ZeroEngine();
+  ZeroEngine(const ZeroEngine&) = delete;
+  ZeroEngine& operator=(const ZeroEngine&) = delete;
+
+  // The state's arrays changed on the host (start, resume): refresh the device copies.
+  void state_changed();
+  // Everything the optimizer owes is done and, with kDevice, copied back into the state's arrays.
+  void sync_state();
+
+  // One optimizer step over this rank's micro-batches; collective. The loss is the global one.
+  GpuStepInfo train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets, int64_t step,
+                         double lr, LossSum* loss);
+  LossSum evaluate(const PackedBatch& batch);
+
+  double loss_scale() const { return loss_scale_; }
+  void set_loss_scale(double s) { loss_scale_ = s; }
+  const ZeroMemoryPlan& memory_plan() const { return plan_; }
+  const ZeroTimeline& timeline() const { return timeline_; }
+  size_t peak_device_bytes() const;
+  const ZeroEngineOptions& options() const { return opt_; }
+  int world() const { return world_; }
+
+  struct Block;  // per ParamTable block: range, this rank's piece, buffers, events (in the .cpp)
+  class Access;  // the model's GpuParamAccess (in the .cpp)
+
+ private:
+  friend class Access;
+  // The CPU worker: tasks run in submission order.
+  void submit(std::function<void()> task);
+  void wait_worker();
+  void worker_loop();
+
+  void fetch(int block, cudaStream_t wait_stream);
+  void host_update(int64_t step, double lr, float grad_coef);
+  void device_update(int64_t step, double lr, float grad_coef);
+  double grad_norm_sq_device(bool* nonfinite);
+
+  const ParamTable& table_;
+  AdamWConfig adamw_cfg_;
+  ZeroEngineOptions opt_;
+  ShardedTrainState& state_;
+  int world_ = 1, rank_ = 0;
+  ZeroMemoryPlan plan_;
+  std::unique_ptr<DeviceComm> fetch_comm_, grad_comm_;
+  cudaStream_t compute_ = nullptr, fetch_stream_ = nullptr, grad_stream_ = nullptr;
+  DeviceArena arena_, act_arena_;
+  std::vector<Block> blocks_;
+  std::unique_ptr<LlamaGpu> model_;
+  std::unique_ptr<Access> access_;
+  // Host side (kHost): the compute-dtype shard, page-locked.
+  std::unique_ptr<PinnedBuffer> host_compute_;
+  bool registered_ = false;
+  // Device side (kDevice): the shard's state.
+  float *d_master_ = nullptr, *d_exp_avg_ = nullptr, *d_exp_avg_sq_ = nullptr, *d_grad_ = nullptr;
+  uint16_t* d_compute_shard_ = nullptr;
+  void* d_ranges_ = nullptr;
+  int64_t num_ranges_ = 0;
+  void* reduce_scratch_ = nullptr;
+  double* d_norm_sq_ = nullptr;
+  int32_t* d_nonfinite_ = nullptr;
+  std::unique_ptr<PinnedBuffer> host_flags_;
+  std::unique_ptr<AdamW> rules_;  // clip coefficient, and the norm over the whole shard (kHost)
+  double loss_scale_ = 1.0;
+  int64_t good_steps_ = 0;
+  int micro_index_ = 0;  // within the current step
+  size_t baseline_used_ = 0;
+  ZeroTimeline timeline_;
+
+  std::thread worker_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  bool stop_ = false, busy_ = false;
+  std::exception_ptr worker_error_;
+};
+
+}  // namespace longtune::gpu
