@@ -91,7 +91,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                             int64_t seq, int64_t steps, int64_t warmup, const std::string& dtype,
                             const std::string& recompute, const std::string& attention, bool nondet,
                             const std::string& offload, const std::string& weights, const std::string& mem_limit,
-                            int threads) {
+                            int threads, bool delayed) {
   const bool root = comm.rank() == 0;
   const int count = cuda::device_count();
   if (comm.local_size() > count)
@@ -109,6 +109,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
   opt.optimizer = offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
   opt.weights = (offload == "params" || weights == "streamed") ? gpu::WeightPlace::kStreamed : gpu::WeightPlace::kResident;
+  opt.delayed_update = delayed;
   if (recompute == "none") opt.model.recompute = gpu::Recompute::kNone;
   else if (recompute == "layer") opt.model.recompute = gpu::Recompute::kLayer;
   else if (recompute == "auto") {
@@ -138,7 +139,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   const std::vector<PackedBatch> batch = {random_batch(cfg, seq, comm.rank())};
   double targets = double(batch[0].num_targets());
   comm.all_reduce_sum(&targets, 1);
-  std::vector<double> times, compute, cpu_opt, wait_w, wait_g;
+  std::vector<double> times, compute, cpu_opt, wait_w, wait_g, comm_s, comm_b;
   LossSum loss;
   for (int64_t s = 1; s <= steps; ++s) {
     comm.barrier();
@@ -151,7 +152,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
     times.push_back(v[0]);
     const gpu::ZeroTimeline& t = engine.timeline();
     compute.push_back(t.gpu_compute), cpu_opt.push_back(t.cpu_optimizer), wait_w.push_back(t.wait_weights),
-        wait_g.push_back(t.wait_grads);
+        wait_g.push_back(t.wait_grads), comm_s.push_back(t.comm), comm_b.push_back(t.comm_bytes);
     if (root)
       std::printf("[bench] step %lld: %.3f s, loss %.4f | gpu compute %.3f s, cpu optimizer %.3f s, waiting for "
                   "weights %.3f s, for gradients %.3f s\n",
@@ -165,18 +166,23 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   double peak[1] = {double(engine.peak_device_bytes()) / double(1ull << 30)};
   comm.all_reduce_max(peak, 1);
   const NumaUsage numa = host_memory_per_node();
+  const double rs_s = median(from(comm_s));
+  const double algbw = rs_s > 0 ? comm_b.back() / rs_s / 1e9 : 0.0;  // the same bytes every step
   if (root) {
     std::printf("RESULT {\"engine\":\"longtune\",\"model\":\"%s\",\"seq\":%lld,\"mode\":\"%s\",\"world\":%d,"
                 "\"dtype\":\"%s\",\"recompute\":\"%s\",\"weights\":\"%s\",\"gpu_mem_limit\":\"%s\",\"step_s\":%.4f,"
                 "\"tokens_per_s\":%.1f,\"tokens_per_s_per_gpu\":%.1f,\"mfu_vs_790\":%.3f,\"peak_gib\":%.2f,"
                 "\"planned_device_gib\":%.2f,\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_weights_s\":%.4f,"
-                "\"wait_grads_s\":%.4f,\"host_gib\":%.2f,\"loss\":%.4f}\n",
+                "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"reduce_scatter_s\":%.4f,\"reduce_scatter_algbw_gbps\":%.1f,"
+                "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"loss\":%.4f}\n",
                 model.c_str(), (long long)seq, offload == "none" ? "gpu" : "offload", comm.size(), dtype.c_str(),
                 opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
                 opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed", mem_limit.c_str(), step_s, tps,
                 tps / comm.size(), tps / comm.size() * fpt / 790e12, peak[0],
                 double(plan.device_total()) / double(1ull << 30), median(from(compute)), median(from(cpu_opt)),
-                median(from(wait_w)), median(from(wait_g)), double(numa.total()) / double(1ull << 30), loss.mean());
+                median(from(wait_w)), median(from(wait_g)), delayed ? "true" : "false", median(from(comm_s)),
+                algbw, algbw * double(comm.size() - 1) / double(comm.size()), double(numa.total()) / double(1ull << 30),
+                loss.mean());
     std::printf("[RESULT] peak VRAM per GPU: %.2f GiB (planned %.2f GiB)\n", peak[0],
                 double(plan.device_total()) / double(1ull << 30));
     std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, times.size() - size_t(warmup));
@@ -195,7 +201,7 @@ int run_bench_train(int argc, char** argv) {
               weights = "resident", mem_limit;
   int64_t seq = 16384, steps = 5, warmup = 2;
   int threads = 0;
-  bool nondet = false;
+  bool nondet = false, delayed = false;
   po::options_description desc("longtune bench train: single-GPU training step on a Llama shape (random weights)");
   desc.add_options()("help,h", "this text")
       ("model", po::value(&model)->default_value(model), "1b | 3b | 8b (Llama 3.x shapes) or a model directory")
@@ -211,6 +217,7 @@ int run_bench_train(int argc, char** argv) {
        "none | optimizer (fp32 state and AdamW on the host) | params (and the weights streamed from the host)")
       ("weights", po::value(&weights)->default_value(weights), "resident | streamed (per layer, ZeRO-3)")
       ("gpu-mem-limit", po::value(&mem_limit), "cap this rank's device memory, e.g. 16GiB")
+      ("delayed-update", po::bool_switch(&delayed), "--offload optimizer: overlap the CPU update with the next step (DPU)")
       ("threads", po::value(&threads)->default_value(threads), "host threads for the CPU optimizer (0: all)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
@@ -225,9 +232,9 @@ int run_bench_train(int argc, char** argv) {
     throw ConfigError("--offload: expected none, optimizer or params, got '" + offload + "'");
   if (weights != "resident" && weights != "streamed")
     throw ConfigError("--weights: expected resident or streamed, got '" + weights + "'");
-  if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty())
+  if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty() || delayed)
     return run_bench_train_sharded(cfg, table, *comm, model, seq, steps, warmup, dtype, recompute, attention, nondet,
-                                   offload, weights, mem_limit, threads);
+                                   offload, weights, mem_limit, threads, delayed);
   gpu::GpuEngineOptions opt;
   if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
   else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;

@@ -145,8 +145,9 @@ class ZeroDeviceEngine final : public DeviceEngine {
     char buf[256];
     std::snprintf(buf, sizeof buf,
                   ",\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_grads_s\":%.4f,\"wait_weights_s\":%.4f,"
-                  "\"exposed_s\":%.4f",
-                  t.gpu_compute, t.cpu_optimizer, t.wait_grads, t.wait_weights, std::max(0.0, t.step - t.gpu_compute));
+                  "\"exposed_s\":%.4f,\"comm_s\":%.4f",
+                  t.gpu_compute, t.cpu_optimizer, t.wait_grads, t.wait_weights, std::max(0.0, t.step - t.gpu_compute),
+                  t.comm);
     return buf;
   }
 
@@ -208,7 +209,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
                       " ranks on this node and " + std::to_string(count) + " visible GPUs");
   CUDA_CHECK(cudaSetDevice(comm.local_rank() % count));
   if (o.gpu_mem_limit > 0) gpu::limit_device_memory(size_t(o.gpu_mem_limit));
-  const bool sharded = comm.size() > 1 || o.offload != "none" || o.weights == "streamed";
+  const bool sharded = comm.size() > 1 || o.offload != "none" || o.weights == "streamed" || o.delayed_update;
   if (!sharded) return make_device_engine(o, model_cfg, table);
   check_dtype(o.dtype);
   gpu::ZeroEngineOptions opt;
@@ -216,6 +217,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
   opt.optimizer = o.offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
   opt.weights = (o.offload == "params" || o.weights == "streamed") ? gpu::WeightPlace::kStreamed
                                                                    : gpu::WeightPlace::kResident;
+  opt.delayed_update = o.delayed_update;
   opt.model.recompute = o.recompute == "none" ? gpu::Recompute::kNone : gpu::Recompute::kLayer;
   if (o.recompute == "auto") {
     opt.model.recompute = gpu::Recompute::kNone;

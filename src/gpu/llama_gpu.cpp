@@ -40,6 +40,25 @@ int64_t loss_chunk_tokens(const Dims& d, const GpuModelOptions& opt) {
   return std::min(chunk, d.T);
 }
 
+// Rows of one MLP tile: the option with Recompute::kLayer, else the whole micro-batch (kNone keeps
+// gate|up of every layer for its backward, so it never tiles).
+int64_t mlp_tile_rows(const Dims& d, const GpuModelOptions& opt) {
+  if (opt.recompute == Recompute::kLayer && opt.mlp_chunk > 0) return std::min(opt.mlp_chunk, d.T);
+  return d.T;
+}
+
+// Offloaded layer inputs: the device ring holds resid[i] in slot i % kResidRing. After the forward the
+// last two (resid[L-1], resid[L]) are still there, so only resid[0 .. L-2] go to the host.
+constexpr int64_t kResidRing = 2;
+int64_t host_resid_slices(const Dims& d) { return std::max<int64_t>(d.L - 1, 0); }
+
+void validate(const GpuModelOptions& opt) {
+  if (opt.offload_activations && opt.recompute != Recompute::kLayer)
+    throw ConfigError("activation offload needs per-layer recomputation (--recompute layer)");
+  if (opt.mlp_chunk < 0)
+    throw ConfigError("MLP chunk: expected a token count >= 0, got " + std::to_string(opt.mlp_chunk));
+}
+
 // What one decoder layer keeps for its backward (one set per layer with Recompute::kNone, one
 // shared set with kLayer, refilled by the recomputation).
 template <typename scalar_t>
@@ -49,7 +68,7 @@ struct LayerActs {
   float* lse = nullptr;       // (T, NH)
   scalar_t* resid2 = nullptr; // (T, C) residual stream after attention
   float* rstd2 = nullptr;     // (T)
-  scalar_t* gu = nullptr;     // (T, 2F) gate|up
+  scalar_t* gu = nullptr;     // (T, 2F) gate|up; with kLayer one MLP tile of it, (mlp rows, 2F)
 };
 
 // Walks the buffer layout: with a null arena it only counts bytes (the plan), with an arena it
@@ -90,6 +109,9 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
   LlamaGpuImpl(const LlamaConfig& cfg, const ParamTable& table, const GpuModelOptions& opt, DeviceArena* arena,
                cudaStream_t stream)
       : cfg_(cfg), table_(table), opt_(opt), d_(cfg, opt.max_tokens), stream_(stream) {
+    validate(opt_);
+    offload_ = opt_.offload_activations;
+    mlp_rows_ = mlp_tile_rows(d_, opt_);
     Carver c(arena);
     carve(c);
     bytes_ = c.bytes();
@@ -104,7 +126,26 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
       staging_ = std::make_unique<PinnedBuffer>(size_t(4 * d_.T + 1) * sizeof(int32_t));
       loss_host_ = std::make_unique<PinnedBuffer>(sizeof(double));
       check_fusion();
+      if (offload_) {
+        if (host_resid_slices(d_) > 0)
+          host_resid_ = std::make_unique<PinnedBuffer>(size_t(host_resid_slices(d_) * d_.T * d_.C) * sizeof(scalar_t));
+        CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&ev_compute_, cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&ev_copy_, cudaEventDisableTiming));
+        for (cudaEvent_t& e : ev_slot_) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      }
     }
+  }
+
+  ~LlamaGpuImpl() override {
+    // Nothing may still copy from or into buffers about to go away (run() leaves the copy stream
+    // joined to the compute stream; this covers a run that threw half-way).
+    if (copy_stream_) cudaStreamSynchronize(copy_stream_);
+    for (cudaEvent_t e : ev_slot_)
+      if (e) cudaEventDestroy(e);
+    if (ev_copy_) cudaEventDestroy(ev_copy_);
+    if (ev_compute_) cudaEventDestroy(ev_compute_);
+    if (copy_stream_) cudaStreamDestroy(copy_stream_);
   }
 
   size_t bytes() const { return bytes_; }
@@ -136,7 +177,14 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
     if (table_.tied()) release(ParamTable::kEmbedBlock);
     if (backward) backward_layers(T);  // releases the head block
     else release(table_.head_block());
+    params_->enqueued();
     params_ = nullptr;
+    if (offload_) {
+      // Join the copy stream (everything on it is already consumed in training; this keeps the
+      // next run from racing with a copy in any case).
+      CUDA_CHECK(cudaEventRecord(ev_copy_, copy_stream_));
+      CUDA_CHECK(cudaStreamWaitEvent(stream_, ev_copy_, 0));
+    }
     CUDA_CHECK(cudaStreamSynchronize(stream_));
     loss.sum = *host_sum;
     return loss;
@@ -147,7 +195,8 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
   void carve(Carver& c) {
     const Dims& d = d_;
     const bool keep_all = opt_.recompute == Recompute::kNone;
-    resid_.resize(size_t(d.L + 1));
+    // Layer inputs: all L+1 on the device, or a ring of kResidRing with the rest on the host.
+    resid_.resize(offload_ ? size_t(kResidRing) : size_t(d.L + 1));
     for (auto& r : resid_) r = c.template take<scalar_t>(d.T * d.C);
     acts_.resize(keep_all ? size_t(d.L) : 1);
     for (auto& a : acts_) {
@@ -156,20 +205,20 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
       a.lse = c.template take<float>(d.T * d.NH);
       a.resid2 = c.template take<scalar_t>(d.T * d.C);
       a.rstd2 = c.template take<float>(d.T);
-      a.gu = c.template take<scalar_t>(d.T * 2 * d.F);
+      a.gu = c.template take<scalar_t>(mlp_rows_ * 2 * d.F);
     }
     ln_a_ = c.template take<scalar_t>(d.T * d.C);
     ln_b_ = c.template take<scalar_t>(d.T * d.C);
     rstd_a_ = c.template take<float>(d.T);
     rstd_b_ = c.template take<float>(d.T);
     branch_ = c.template take<scalar_t>(d.T * d.C);
-    hid_ = c.template take<scalar_t>(d.T * d.F);
+    hid_ = c.template take<scalar_t>(mlp_rows_ * d.F);
     // Backward.
     d_stream_ = c.template take<scalar_t>(d.T * d.C);
     d_resid2_ = c.template take<scalar_t>(d.T * d.C);
     dln_ = c.template take<scalar_t>(d.T * d.C);
-    dhid_ = c.template take<scalar_t>(d.T * d.F);
-    dgu_ = c.template take<scalar_t>(d.T * 2 * d.F);
+    dhid_ = c.template take<scalar_t>(mlp_rows_ * d.F);
+    dgu_ = c.template take<scalar_t>(mlp_rows_ * 2 * d.F);
     datt_ = c.template take<scalar_t>(d.T * d.QD);
     dqkv_ = c.template take<scalar_t>(d.T * d.QKVD);
     // Batch, loss, scratch.
@@ -246,9 +295,49 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
     return base + table_.at(entry).offset;
   }
 
+  // ---- offloaded layer inputs ----------------------------------------------------------------
+  // resid[i] on the device: its own buffer, or ring slot i % kResidRing with offload.
+  scalar_t* resid(int64_t i) const {
+    return offload_ ? resid_[size_t(i % kResidRing)] : resid_[size_t(i)];
+  }
+  // Whether resid[i] leaves the device between its forward and its layer's backward.
+  bool on_host(int64_t i) const { return offload_ && i >= 0 && i < host_resid_slices(d_); }
+  scalar_t* host_resid(int64_t i) const {
+    return static_cast<scalar_t*>(host_resid_->get()) + size_t(i) * size_t(d_.T * d_.C);
+  }
+  // Forward: resid[i] was just written on the compute stream; copy it out on the copy stream.
+  void save_input(int64_t i, int64_t T) {
+    if (!on_host(i)) return;
+    CUDA_CHECK(cudaEventRecord(ev_compute_, stream_));
+    CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, ev_compute_, 0));
+    CUDA_CHECK(cudaMemcpyAsync(host_resid(i), resid(i), size_t(T * d_.C) * sizeof(scalar_t), cudaMemcpyDeviceToHost,
+                               copy_stream_));
+    CUDA_CHECK(cudaEventRecord(ev_slot_[size_t(i % kResidRing)], copy_stream_));
+  }
+  // Forward: resid[i] is about to be written into the slot resid[i - kResidRing] held; the compute
+  // stream waits for that one's copy-out (issued a whole layer earlier: normally long done).
+  void before_overwrite(int64_t i) {
+    if (on_host(i - kResidRing)) CUDA_CHECK(cudaStreamWaitEvent(stream_, ev_slot_[size_t(i % kResidRing)], 0));
+  }
+  // Backward: bring resid[i] back into its slot, once the compute stream is done with what the slot
+  // holds (resid[i + kResidRing], last read by the backward stage enqueued before this call).
+  void prefetch_input(int64_t i, int64_t T) {
+    if (!on_host(i)) return;
+    CUDA_CHECK(cudaEventRecord(ev_compute_, stream_));
+    CUDA_CHECK(cudaStreamWaitEvent(copy_stream_, ev_compute_, 0));
+    CUDA_CHECK(cudaMemcpyAsync(resid(i), host_resid(i), size_t(T * d_.C) * sizeof(scalar_t), cudaMemcpyHostToDevice,
+                               copy_stream_));
+    CUDA_CHECK(cudaEventRecord(ev_slot_[size_t(i % kResidRing)], copy_stream_));
+  }
+  // Backward: the compute stream waits for resid[i]'s prefetch.
+  void wait_input(int64_t i) {
+    if (on_host(i)) CUDA_CHECK(cudaStreamWaitEvent(stream_, ev_slot_[size_t(i % kResidRing)], 0));
+  }
+
   // ---- forward --------------------------------------------------------------------------------
   // One layer's attention and MLP from ln1 = rmsnorm(resid[l]) (in ln_a_): fills `a` and leaves the
-  // MLP output in branch_. With `mlp_out` false the last projection is skipped (recomputation).
+  // MLP output in branch_. With `mlp_out` false (recomputation) it stops at ln2 = rmsnorm(resid2)
+  // in ln_b_: the backward recomputes the MLP tile by tile.
   void layer_forward(int64_t l, int64_t T, LayerActs<scalar_t>& a, bool mlp_out) {
     const Dims& d = d_;
     const LayerParamIndex& ix = table_.layer(l);
@@ -268,12 +357,17 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
                                       num_segments_, T, d.NH, d.NKV, d.HD, attention_options(max_seqlen_), stream_);
     cuda::matmul_forward<scalar_t>(branch_, a.att, w(ix.o_proj), T, d.QD, d.C, *blas_, stream_);
     // resid2 = resid + attention branch ; ln_b = rmsnorm(resid2)
-    cuda::residual_rmsnorm_forward<scalar_t>(a.resid2, ln_b_, a.rstd2, resid_[size_t(l)], branch_,
-                                             w(ix.post_norm), T, d.C, float(cfg_.rms_norm_eps), stream_);
-    gate_up_forward(ix, T, a.gu, ln_b_);
+    cuda::residual_rmsnorm_forward<scalar_t>(a.resid2, ln_b_, a.rstd2, resid(l), branch_, w(ix.post_norm), T, d.C,
+                                             float(cfg_.rms_norm_eps), stream_);
     if (!mlp_out) return;
-    cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
-    cuda::matmul_forward<scalar_t>(branch_, hid_, w(ix.down_proj), T, d.F, d.C, *blas_, stream_);
+    // MLP, over tiles of token rows (one tile with kNone or without mlp_chunk; with kNone a.gu is
+    // the layer's whole gate|up, kept for backward).
+    for (int64_t r0 = 0; r0 < T; r0 += mlp_rows_) {
+      const int64_t n = std::min(mlp_rows_, T - r0);
+      gate_up_forward(ix, n, a.gu, ln_b_ + r0 * d.C);
+      cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, n, d.F, stream_, 2 * d.F);
+      cuda::matmul_forward<scalar_t>(branch_ + r0 * d.C, hid_, w(ix.down_proj), n, d.F, d.C, *blas_, stream_);
+    }
   }
 
   void gate_up_forward(const LayerParamIndex& ix, int64_t T, scalar_t* gu, const scalar_t* inp) {
@@ -292,11 +386,14 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
   void forward_layers(int64_t T, bool training) {
     const Dims& d = d_;
     const float eps = float(cfg_.rms_norm_eps);
+    // Layer inputs go to the host only when a backward will need them.
+    const bool save = training && offload_;
     acquire(ParamTable::kEmbedBlock);
-    cuda::embedding_forward<scalar_t>(resid_[0], tokens_, w(table_.embed()), T, d.C, stream_);
+    cuda::embedding_forward<scalar_t>(resid(0), tokens_, w(table_.embed()), T, d.C, stream_);
     release(ParamTable::kEmbedBlock);
+    if (save) save_input(0, T);
     acquire(table_.layer_block(0));
-    cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[0], w(table_.layer(0).input_norm), T, d.C, eps, stream_);
+    cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid(0), w(table_.layer(0).input_norm), T, d.C, eps, stream_);
     for (int64_t l = 0; l < d.L; ++l) {
       LayerActs<scalar_t>& a = acts_[training && opt_.recompute == Recompute::kNone ? size_t(l) : 0];
       layer_forward(l, T, a, /*mlp_out=*/true);
@@ -306,49 +403,70 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
           l + 1 < d.L ? w(table_.layer(l + 1).input_norm) : w(table_.final_norm());
       // resid[l+1] = resid2 + MLP branch ; ln_a = rmsnorm(resid[l+1]) (the next layer's input norm,
       // or the final norm).
-      cuda::residual_rmsnorm_forward<scalar_t>(resid_[size_t(l + 1)], ln_a_, rstd_a_, a.resid2, branch_, next_norm,
-                                               T, d.C, eps, stream_);
+      if (save) before_overwrite(l + 1);
+      cuda::residual_rmsnorm_forward<scalar_t>(resid(l + 1), ln_a_, rstd_a_, a.resid2, branch_, next_norm, T, d.C,
+                                               eps, stream_);
+      if (save) save_input(l + 1, T);
       release(table_.layer_block(l));
     }
   }
 
   // ---- backward -------------------------------------------------------------------------------
+  // The MLP's backward from ln2 (ln_b_) and d(MLP output) (d_stream_) to d(ln2) (dln_), tile by
+  // tile: with kLayer each tile's gate|up is recomputed, with kNone a.gu holds all of it.
+  void mlp_backward(const LayerParamIndex& ix, int64_t T, LayerActs<scalar_t>& a) {
+    const Dims& d = d_;
+    const bool recompute = opt_.recompute == Recompute::kLayer;
+    for (int64_t r0 = 0; r0 < T; r0 += mlp_rows_) {
+      const int64_t n = std::min(mlp_rows_, T - r0);
+      const scalar_t* ln2 = ln_b_ + r0 * d.C;
+      scalar_t* dln2 = dln_ + r0 * d.C;
+      if (recompute) gate_up_forward(ix, n, a.gu, ln2);
+      cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, n, d.F, stream_, 2 * d.F);
+      cuda::matmul_backward<scalar_t>(dhid_, g(ix.down_proj), d_stream_ + r0 * d.C, hid_, w(ix.down_proj), n, d.F,
+                                      d.C, *blas_, stream_);
+      cuda::swiglu_backward<scalar_t>(dgu_, dgu_ + d.F, dhid_, a.gu, a.gu + d.F, n, d.F, stream_, 2 * d.F);
+      if (fused_gu_) {
+        cuda::matmul_backward<scalar_t>(dln2, g(ix.gate_proj), dgu_, ln2, w(ix.gate_proj), n, d.C, 2 * d.F, *blas_,
+                                        stream_);
+      } else {
+        cuda::MatmulOptions mo;
+        mo.ld_out = 2 * d.F;
+        cuda::matmul_backward<scalar_t>(dln2, g(ix.gate_proj), dgu_, ln2, w(ix.gate_proj), n, d.C, d.F, *blas_,
+                                        stream_, mo);
+        mo.accumulate_dinp = true;
+        cuda::matmul_backward<scalar_t>(dln2, g(ix.up_proj), dgu_ + d.F, ln2, w(ix.up_proj), n, d.C, d.F, *blas_,
+                                        stream_, mo);
+      }
+    }
+  }
+
   void backward_layers(int64_t T) {
     const Dims& d = d_;
     const float eps = float(cfg_.rms_norm_eps);
     // Final norm: dln_ holds d(loss)/d(final norm output) from the fused cross-entropy.
-    cuda::rmsnorm_backward<scalar_t>(d_stream_, g(table_.final_norm()), dln_, resid_[size_t(d.L)],
-                                     w(table_.final_norm()), rstd_a_, T, d.C, stream_);
+    cuda::rmsnorm_backward<scalar_t>(d_stream_, g(table_.final_norm()), dln_, resid(d.L), w(table_.final_norm()),
+                                     rstd_a_, T, d.C, stream_);
     grads_done(table_.head_block());
     release(table_.head_block());
     for (int64_t l = d.L - 1; l >= 0; --l) {
       const LayerParamIndex& ix = table_.layer(l);
+      if (offload_) {
+        // Before acquire(), so the prefetch waits only for the previous backward stage.
+        prefetch_input(l - 1, T);  // overlaps this layer's backward
+        wait_input(l);             // prefetched while layer l+1 ran (resid[L-1] never left the device)
+      }
       acquire(table_.layer_block(l));
       LayerActs<scalar_t>& a = acts_[opt_.recompute == Recompute::kNone ? size_t(l) : 0];
       // ln1 = rmsnorm(resid[l]) is needed by the q|k|v weight gradient (and by the recomputation).
-      cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid_[size_t(l)], w(ix.input_norm), T, d.C, eps, stream_);
+      cuda::rmsnorm_forward<scalar_t>(ln_a_, rstd_a_, resid(l), w(ix.input_norm), T, d.C, eps, stream_);
       if (opt_.recompute == Recompute::kLayer) {
         layer_forward(l, T, a, /*mlp_out=*/false);  // leaves ln2 in ln_b_
       } else {
         cuda::rmsnorm_forward<scalar_t>(ln_b_, rstd_b_, a.resid2, w(ix.post_norm), T, d.C, eps, stream_);
       }
       // MLP: d_stream_ is d(loss)/d(resid[l+1]) = d(MLP branch) = d(resid2) through the residual.
-      cuda::swiglu_forward<scalar_t>(hid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
-      cuda::matmul_backward<scalar_t>(dhid_, g(ix.down_proj), d_stream_, hid_, w(ix.down_proj), T, d.F, d.C,
-                                      *blas_, stream_);
-      cuda::swiglu_backward<scalar_t>(dgu_, dgu_ + d.F, dhid_, a.gu, a.gu + d.F, T, d.F, stream_, 2 * d.F);
-      if (fused_gu_) {
-        cuda::matmul_backward<scalar_t>(dln_, g(ix.gate_proj), dgu_, ln_b_, w(ix.gate_proj), T, d.C, 2 * d.F,
-                                        *blas_, stream_);
-      } else {
-        cuda::MatmulOptions mo;
-        mo.ld_out = 2 * d.F;
-        cuda::matmul_backward<scalar_t>(dln_, g(ix.gate_proj), dgu_, ln_b_, w(ix.gate_proj), T, d.C, d.F,
-                                        *blas_, stream_, mo);
-        mo.accumulate_dinp = true;
-        cuda::matmul_backward<scalar_t>(dln_, g(ix.up_proj), dgu_ + d.F, ln_b_, w(ix.up_proj), T, d.C, d.F,
-                                        *blas_, stream_, mo);
-      }
+      mlp_backward(ix, T, a);
       // resid2 feeds the post-attention norm and the residual path.
       cuda::residual_rmsnorm_backward<scalar_t>(d_resid2_, g(ix.post_norm), dln_, d_stream_, a.resid2,
                                                 w(ix.post_norm), a.rstd2, T, d.C, stream_);
@@ -376,7 +494,7 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
                                         d.KVD, *blas_, stream_, mo);
       }
       // resid[l] feeds the input norm and the residual path: d(resid[l]) into d_stream_.
-      cuda::residual_rmsnorm_backward<scalar_t>(d_stream_, g(ix.input_norm), dln_, d_resid2_, resid_[size_t(l)],
+      cuda::residual_rmsnorm_backward<scalar_t>(d_stream_, g(ix.input_norm), dln_, d_resid2_, resid(l),
                                                 w(ix.input_norm), rstd_a_, T, d.C, stream_);
       grads_done(table_.layer_block(l));
       release(table_.layer_block(l));
@@ -400,7 +518,15 @@ class LlamaGpuImpl final : public LlamaGpu::Impl {
   bool fused_qkv_ = true, fused_gu_ = true;
   int64_t num_segments_ = 0, max_seqlen_ = 0;
 
-  std::vector<scalar_t*> resid_;  // (L+1) x (T, C): each layer's input, and the final residual stream
+  bool offload_ = false;          // layer inputs in host memory (opt_.offload_activations)
+  int64_t mlp_rows_ = 0;          // tokens per MLP tile
+  std::vector<scalar_t*> resid_;  // (L+1) x (T, C): each layer's input, and the final residual stream;
+                                  // with offload a ring of kResidRing of them
+  std::unique_ptr<PinnedBuffer> host_resid_;  // offload: resid[0 .. L-2], (T, C) each
+  cudaStream_t copy_stream_ = nullptr;        // offload: device <-> host copies of the layer inputs
+  cudaEvent_t ev_compute_ = nullptr;          // compute stream progress, for the copy stream to wait on
+  cudaEvent_t ev_copy_ = nullptr;             // copy stream joined at the end of run()
+  cudaEvent_t ev_slot_[kResidRing] = {};      // last copy out of / into each ring slot
   std::vector<LayerActs<scalar_t>> acts_;
   scalar_t *ln_a_ = nullptr, *ln_b_ = nullptr, *branch_ = nullptr, *hid_ = nullptr;
   float *rstd_a_ = nullptr, *rstd_b_ = nullptr;
@@ -428,6 +554,16 @@ cuda::AttentionKernel attention_kernel_from_name(const std::string& name) {
   if (name == "tensor-core") return cuda::AttentionKernel::kTensorCore;
   if (name == "sm75") return cuda::AttentionKernel::kTensorCoreSm75;
   throw ConfigError("--attention: expected auto, tensor-core or sm75, got '" + name + "'");
+}
+
+size_t LlamaGpu::host_activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {
+  validate(opt);
+  if (!opt.offload_activations) return 0;
+  const Dims d(cfg, opt.max_tokens);
+  const size_t elem = opt.compute_dtype == DType::F16 || opt.compute_dtype == DType::BF16 ? 2 : 0;
+  if (elem == 0)
+    throw ConfigError("compute dtype: expected bf16 or fp16, got " + std::string(dtype_name(opt.compute_dtype)));
+  return size_t(host_resid_slices(d) * d.T * d.C) * elem;
 }
 
 size_t LlamaGpu::activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {

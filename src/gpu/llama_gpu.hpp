@@ -10,6 +10,15 @@
 // model shape). Activation memory is planned once for micro-batches of up to max_tokens tokens:
 //   Recompute::kNone   every layer keeps what its backward needs (fastest, most memory);
 //   Recompute::kLayer  only each layer's input is kept; backward recomputes the layer's forward.
+// With kLayer, two options bound the long-sequence memory (issue 6, point 3):
+//   offload_activations  the L+1 layer inputs live in pinned host memory (host_activation_bytes):
+//                        forward copies each one out on a copy stream as soon as it exists, backward
+//                        prefetches layer l-1's input while layer l runs; the device keeps a ring of
+//                        two (T, C) buffers. Stream-ordered with events; the results are bit-identical.
+//   mlp_chunk            the MLP runs over tiles of that many tokens (forward, and recomputed tile by
+//                        tile in backward), so gate|up, SwiGLU and their gradients take
+//                        12 * F * mlp_chunk bytes (bf16) instead of 12 * F * T. Loss and gradients
+//                        equal the untiled ones up to float rounding (the GEMM shapes change).
 // The model knows nothing of optimizers or parallelism.
 #pragma once
 #include <cuda_runtime.h>
@@ -37,6 +46,12 @@ struct GpuModelOptions {
   bool nondeterministic_attention = false;  // fp32 atomics for dq (faster, not bit-reproducible)
   int64_t max_tokens = 0;                   // rows * seq_len of the largest micro-batch
   int64_t loss_chunk = 0;                   // tokens per lm_head + cross-entropy chunk (0: auto, ~1.5 GiB scratch)
+  // Recompute::kLayer only (ConfigError with kNone): the layer inputs in pinned host memory, a ring of
+  // two on the device (see above).
+  bool offload_activations = false;
+  // Recompute::kLayer only (ignored with kNone, which keeps gate|up for its backward): tokens per MLP
+  // tile, 0 = the whole micro-batch in one tile.
+  int64_t mlp_chunk = 0;
 };
 
 // The CUDA twin of src/model/param_access.hpp. Calls are made on the host in stream order: what
@@ -52,6 +67,9 @@ class GpuParamAccess {
   // call for the block until grads_done(block), which says they are complete for this micro-batch.
   virtual float* grads(int block) = 0;
   virtual void grads_done(int block) = 0;
+  // Every kernel of the micro-batch is enqueued and the model is about to wait for the stream: host
+  // work placed here overlaps the GPU (the offload engine's delayed CPU update).
+  virtual void enqueued() {}
 };
 
 // Everything in two flat device buffers of ParamTable layout.
@@ -82,6 +100,8 @@ class LlamaGpu {
  public:
   // Device bytes the model's activations and scratch take for these options (the planner's number).
   static size_t activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt);
+  // Pinned host bytes the model allocates for offloaded layer inputs (0 without offload_activations).
+  static size_t host_activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt);
 
   // Carves its buffers from `arena` (activation_bytes of it). Runs on `stream`.
   LlamaGpu(const LlamaConfig& cfg, const ParamTable& table, const GpuModelOptions& opt, DeviceArena& arena,

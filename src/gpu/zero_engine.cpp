@@ -105,8 +105,9 @@ struct ZeroEngine::Block {
   float* grad = nullptr;        // device fp32 gradient buffer (dedicated or a slot)
   int grad_slot = -1;
   std::unique_ptr<AdamW> adamw; // kHost: the rules for this piece
-  // kHost: how many updates of this block the worker has finished (fetch waits for `version`).
-  std::atomic<int64_t> host_version{0};
+  // kHost: the weights version this block's host state holds (behind Access::version while its
+  // update is pending).
+  int64_t host_version = 0;
   int64_t len() const { return end - begin; }
 };
 
@@ -132,6 +133,7 @@ class ZeroEngine::Access final : public GpuParamAccess {
   void release(int block) override;
   float* grads(int block) override;
   void grads_done(int block) override;
+  void enqueued() override { e_.run_delayed_update(); }
 
   bool forward = true;       // prefetch direction
   int64_t version = 0;       // weights version (bumped by every update)
@@ -139,6 +141,8 @@ class ZeroEngine::Access final : public GpuParamAccess {
   std::vector<GradSlot> gslots;
   std::vector<cudaEvent_t> block_ready;  // resident blocks: fetch done
   std::vector<cudaEvent_t> grads_done_ev;
+  std::vector<std::pair<cudaEvent_t, cudaEvent_t>> comm_ev;  // per block: around its reduce-scatter
+  std::vector<int> comm_timed;                               // per block: events recorded this step
   cudaEvent_t step_start = nullptr, step_end = nullptr;
   uint64_t use_counter = 0;
   std::vector<int> slot_of;  // per block, -1 if not in a slot
@@ -146,7 +150,6 @@ class ZeroEngine::Access final : public GpuParamAccess {
   float* piece = nullptr;         // reduce-scatter output (world > 1)
   float* host_staging = nullptr;  // kHost, later micro-batches: D2H target before the CPU adds
   std::unique_ptr<PinnedBuffer> host_staging_holder;
-  std::atomic<bool> staging_free{true};
 
   int find_slot(int block) const {
     for (size_t s = 0; s < wslots.size(); ++s)
@@ -162,8 +165,8 @@ class ZeroEngine::Access final : public GpuParamAccess {
 
 // ---- weights ------------------------------------------------------------------------------------
 
-// Own piece into place, then the owners' pieces gathered, on the fetch stream. kHost waits for the
-// worker's update of the block first (host wait: the CPU update is what it waits for).
+// Own piece into place, then the owners' pieces gathered, on the fetch stream. The callers run the
+// block's pending CPU update first (kHost).
 static void copy_piece_and_gather(ZeroEngine& e, ZeroEngine::Block& b, uint16_t* dest, const uint16_t* host_compute,
                                   const uint16_t* dev_compute_shard, DeviceComm* comm, cudaStream_t stream) {
   (void)e;
@@ -184,15 +187,11 @@ void ZeroEngine::fetch(int bi, cudaStream_t) {
   Block& b = blocks_[size_t(bi)];
   if (b.fetched_version == access_->version) return;
   const auto t0 = Clock::now();
-  if (opt_.optimizer == OptimizerPlace::kHost) {
-    std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait(lock, [&] { return b.host_version.load() >= access_->version || worker_error_; });
-    if (worker_error_) std::rethrow_exception(worker_error_);
-  }
+  if (opt_.optimizer == OptimizerPlace::kHost) run_host_update(bi);
   timeline_.wait_weights += seconds_since(t0);
   const uint16_t* hc = opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(host_compute_->get()) : nullptr;
-  // kDevice + resident: the update wrote this rank's piece in place already.
-  copy_piece_and_gather(*this, b, b.weights, hc, nullptr, fetch_comm_.get(), fetch_stream_);
+  // kDevice + resident: the update wrote this rank's piece in place already (no copy then).
+  copy_piece_and_gather(*this, b, b.weights, hc, d_compute_shard_, fetch_comm_.get(), fetch_stream_);
   CUDA_CHECK(cudaEventRecord(access_->block_ready[size_t(bi)], fetch_stream_));
   b.fetched_version = access_->version;
 }
@@ -209,11 +208,7 @@ int ZeroEngine::Access::fetch_into_slot(int block) {
   if (ws.block >= 0 && slot_of[size_t(ws.block)] == best) slot_of[size_t(ws.block)] = -1;
   ZeroEngine::Block& b = e_.blocks_[size_t(block)];
   const auto t0 = Clock::now();
-  if (e_.opt_.optimizer == OptimizerPlace::kHost) {
-    std::unique_lock<std::mutex> lock(e_.mu_);
-    e_.cv_.wait(lock, [&] { return b.host_version.load() >= version || e_.worker_error_; });
-    if (e_.worker_error_) std::rethrow_exception(e_.worker_error_);
-  }
+  if (e_.opt_.optimizer == OptimizerPlace::kHost) e_.run_host_update(block);
   e_.timeline_.wait_weights += seconds_since(t0);
   CUDA_CHECK(cudaStreamWaitEvent(e_.fetch_stream_, ws.released, 0));  // the last user is done with it
   const uint16_t* hc =
@@ -298,7 +293,10 @@ void ZeroEngine::Access::grads_done(int block) {
   if (e.world_ > 1) {
     float* out = piece;
     if (e.opt_.optimizer == OptimizerPlace::kDevice && first) out = e.d_grad_ + b.shard_offset;
+    CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
     e.grad_comm_->reduce_scatter_v(out, b.grad, b.counts, DType::F32, gs);
+    CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+    comm_timed[size_t(block)] = 1;
     piece_dev = out;
   }
   if (b.piece_len > 0) {
@@ -309,28 +307,25 @@ void ZeroEngine::Access::grads_done(int block) {
         else cuda::accumulate_f32(e.d_grad_ + b.shard_offset, piece_dev, b.piece_len, gs);
       }
     } else if (first) {
-      CUDA_CHECK(cudaMemcpyAsync(e.state_.grad_shard() + b.shard_offset, piece_dev, size_t(b.piece_len) * 4,
+      CUDA_CHECK(cudaMemcpyAsync(e.host_grad() + b.shard_offset, piece_dev, size_t(b.piece_len) * 4,
                                  cudaMemcpyDeviceToHost, gs));
     } else {
-      // Later micro-batches: through the staging buffer; the worker adds it on the CPU.
+      // Later micro-batches: through the staging buffer, added on the CPU once the copy is done (the
+      // previous block's addition is finished first: it used the same buffer).
       {
         const auto t0 = Clock::now();
-        std::unique_lock<std::mutex> lock(e.mu_);
-        e.cv_.wait(lock, [&] { return staging_free.load() || e.worker_error_; });
-        if (e.worker_error_) std::rethrow_exception(e.worker_error_);
+        e.run_deferred();
         e.timeline_.wait_grads += seconds_since(t0);
       }
-      staging_free = false;
       CUDA_CHECK(cudaMemcpyAsync(host_staging, piece_dev, size_t(b.piece_len) * 4, cudaMemcpyDeviceToHost, gs));
       cudaEvent_t copied = grads_done_ev[size_t(block)];  // reuse: recorded again below on gs
       CUDA_CHECK(cudaEventRecord(copied, gs));
-      float* acc = e.state_.grad_shard() + b.shard_offset;
+      float* acc = e.host_grad() + b.shard_offset;
       const int64_t n = b.piece_len;
       float* src = host_staging;
-      e.submit([this, copied, acc, src, n] {
+      e.defer([copied, acc, src, n] {
         CUDA_CHECK(cudaEventSynchronize(copied));
         cpu::accumulate_f32(acc, src, n);
-        staging_free = true;
       });
     }
   }
@@ -345,6 +340,9 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
     : table_(table), adamw_cfg_(adamw), opt_(opt), state_(state) {
   world_ = state.comm().size();
   rank_ = state.comm().rank();
+  if (opt.delayed_update && (opt.optimizer != OptimizerPlace::kHost || opt.weights != WeightPlace::kResident))
+    throw ConfigError("--delayed-update: expected --offload optimizer with resident weights (it overlaps the CPU "
+                      "update with the next step; streamed weights would read the host copy while it is rewritten)");
   if (opt.grad_wire_dtype != DType::F32)
     throw ConfigError("--grad-reduce-dtype: only fp32 is implemented, got " + std::string(dtype_name(opt.grad_wire_dtype)));
   plan_ = plan(cfg, opt, world_);
@@ -395,6 +393,12 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
   A.grad_touched.assign(blocks_.size(), 0);
   A.block_ready.resize(blocks_.size());
   A.grads_done_ev.resize(blocks_.size());
+  A.comm_ev.resize(blocks_.size());
+  A.comm_timed.assign(blocks_.size(), 0);
+  for (auto& [e0, e1] : A.comm_ev) {
+    CUDA_CHECK(cudaEventCreate(&e0));
+    CUDA_CHECK(cudaEventCreate(&e1));
+  }
   for (size_t i = 0; i < blocks_.size(); ++i) {
     CUDA_CHECK(cudaEventCreateWithFlags(&A.block_ready[i], cudaEventDisableTiming));
     CUDA_CHECK(cudaEventCreateWithFlags(&A.grads_done_ev[i], cudaEventDisableTiming));
@@ -460,22 +464,22 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
     host_compute_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * 2);
     A.host_staging_holder = std::make_unique<PinnedBuffer>(size_t(std::max<int64_t>(z.max_piece, 1)) * 4);
     A.host_staging = static_cast<float*>(A.host_staging_holder->get());
+    host_grad_[0] = state.grad_shard();
+    host_grad_[1] = host_grad_[0];
+    if (opt.delayed_update) {
+      // Step t + 1's gradients arrive while step t's update still reads its own.
+      second_grad_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * 4);
+      host_grad_[1] = static_cast<float*>(second_grad_->get());
+    }
   }
 
   act_arena_.allocate(plan_.activations, "GPU activations");
   model_ = std::make_unique<LlamaGpu>(cfg, table, opt.model, act_arena_, compute_);
   loss_scale_ = opt.model.compute_dtype == DType::F16 ? opt.initial_loss_scale : 1.0;
-  worker_ = std::thread([this] { worker_loop(); });
   state_changed();
 }
 
 ZeroEngine::~ZeroEngine() {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    stop_ = true;
-  }
-  cv_.notify_all();
-  if (worker_.joinable()) worker_.join();
   if (compute_) cudaStreamSynchronize(compute_);
   if (fetch_stream_) cudaStreamSynchronize(fetch_stream_);
   if (grad_stream_) cudaStreamSynchronize(grad_stream_);
@@ -486,6 +490,7 @@ ZeroEngine::~ZeroEngine() {
     for (cudaEvent_t e : access_->grads_done_ev) cudaEventDestroy(e);
     for (WeightSlot& ws : access_->wslots) cudaEventDestroy(ws.released), cudaEventDestroy(ws.ready);
     for (GradSlot& gs : access_->gslots) cudaEventDestroy(gs.consumed);
+    for (auto& [e0, e1] : access_->comm_ev) cudaEventDestroy(e0), cudaEventDestroy(e1);
     cudaEventDestroy(access_->step_start);
     cudaEventDestroy(access_->step_end);
   }
@@ -495,51 +500,65 @@ ZeroEngine::~ZeroEngine() {
     if (s) cudaStreamDestroy(s);
 }
 
-// ---- the CPU worker -----------------------------------------------------------------------------
+// ---- host work on the calling thread ------------------------------------------------------------
+// Kokkos (3.4, OpenMP) runs parallel loops only from the thread that initialized it, so host work
+// is done here, lazily: a block's AdamW update runs when the next forward first needs the block,
+// while the GPU still works through the layers already enqueued before it.
 
-void ZeroEngine::submit(std::function<void()> task) {
-  {
-    std::lock_guard<std::mutex> lock(mu_);
-    tasks_.push_back(std::move(task));
+void ZeroEngine::defer(std::function<void()> task) { deferred_.push_back(std::move(task)); }
+
+void ZeroEngine::run_deferred() {
+  while (!deferred_.empty()) {
+    std::function<void()> task = std::move(deferred_.front());
+    deferred_.pop_front();
+    task();
   }
-  cv_.notify_all();
 }
 
-void ZeroEngine::wait_worker() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [&] { return (tasks_.empty() && !busy_) || worker_error_; });
-  if (worker_error_) std::rethrow_exception(worker_error_);
+void ZeroEngine::apply_host_update(int bi) {
+  Block& b = blocks_[size_t(bi)];
+  const auto t0 = Clock::now();
+  if (b.adamw) {
+    const int64_t o = b.shard_offset;
+    auto* hc = static_cast<uint16_t*>(host_compute_->get());
+    AdamWBuffers buf{state_.master() + o, state_.exp_avg() + o, state_.exp_avg_sq() + o, pending_.grad + o, hc + o,
+                     opt_.model.compute_dtype};
+    b.adamw->update(buf, pending_.step, pending_.lr, pending_.grad_coef);
+  }
+  timeline_.cpu_optimizer += seconds_since(t0);
 }
 
-void ZeroEngine::worker_loop() {
-  for (;;) {
-    std::function<void()> task;
-    {
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || !tasks_.empty(); });
-      if (stop_ && tasks_.empty()) return;
-      task = std::move(tasks_.front());
-      tasks_.pop_front();
-      busy_ = true;
-    }
-    try {
-      if (!worker_error_) task();
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu_);
-      worker_error_ = std::current_exception();
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      busy_ = false;
-    }
-    cv_.notify_all();
+void ZeroEngine::run_host_update(int bi) {
+  Block& b = blocks_[size_t(bi)];
+  if (b.host_version >= access_->version) return;
+  apply_host_update(bi);
+  b.host_version = access_->version;
+}
+
+void ZeroEngine::finish_host_updates() {
+  if (opt_.optimizer != OptimizerPlace::kHost) return;
+  run_delayed_update();
+  for (int bi = 0; bi < int(blocks_.size()); ++bi) run_host_update(bi);
+}
+
+void ZeroEngine::run_delayed_update() {
+  if (!delayed_pending_) return;
+  delayed_pending_ = false;
+  for (int bi = 0; bi < int(blocks_.size()); ++bi) {
+    // A fetch of this block's previous weights may still be reading the host copy.
+    if (!blocks_[size_t(bi)].streamed) CUDA_CHECK(cudaEventSynchronize(access_->block_ready[size_t(bi)]));
+    apply_host_update(bi);
   }
+  // The next forward fetches the new weights.
+  ++access_->version;
+  for (Block& b : blocks_) b.host_version = access_->version;
 }
 
 // ---- state --------------------------------------------------------------------------------------
 
 void ZeroEngine::state_changed() {
-  wait_worker();
+  run_deferred();
+  finish_host_updates();
   CUDA_CHECK(cudaDeviceSynchronize());
   const int64_t n = state_.shard_len();
   ++access_->version;
@@ -558,7 +577,8 @@ void ZeroEngine::state_changed() {
 }
 
 void ZeroEngine::sync_state() {
-  wait_worker();
+  run_deferred();
+  finish_host_updates();
   if (opt_.optimizer == OptimizerPlace::kDevice) {
     const size_t bytes = size_t(state_.shard_len()) * 4;
     CUDA_CHECK(cudaMemcpyAsync(state_.master(), d_master_, bytes, cudaMemcpyDeviceToHost, compute_));
@@ -576,6 +596,7 @@ size_t ZeroEngine::peak_device_bytes() const {
 // ---- steps --------------------------------------------------------------------------------------
 
 LossSum ZeroEngine::evaluate(const PackedBatch& batch) {
+  run_delayed_update();  // evaluate the weights a checkpoint would hold
   access_->forward = true;
   return model_->forward(*access_, batch);
 }
@@ -583,15 +604,14 @@ LossSum ZeroEngine::evaluate(const PackedBatch& batch) {
 GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets,
                                    int64_t step, double lr, LossSum* loss_out) {
   const auto t_step = Clock::now();
-  {
-    std::lock_guard<std::mutex> lock(mu_);  // the worker adds its update time
-    timeline_ = ZeroTimeline{};
-  }
+  timeline_ = ZeroTimeline{};
   GpuStepInfo info;
   info.loss_scale = loss_scale_;
   info.optim.lr = lr;
   LossSum loss;
   Access& A = *access_;
+  if (opt_.delayed_update) cur_grad_ ^= 1;  // the pending update keeps reading the other buffer
+  std::fill(A.comm_timed.begin(), A.comm_timed.end(), 0);
   if (global_targets > 0) {
     const double scale = loss_scale_ / double(global_targets);
     CUDA_CHECK(cudaEventRecord(A.step_start, compute_));
@@ -616,17 +636,24 @@ GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches
     const auto t0 = Clock::now();
     CUDA_CHECK(cudaStreamSynchronize(grad_stream_));
     CUDA_CHECK(cudaStreamSynchronize(compute_));
-    wait_worker();  // CPU additions of later micro-batches
+    run_deferred();  // CPU additions of later micro-batches
     timeline_.wait_grads += seconds_since(t0);
   }
   float ms = 0;
   CUDA_CHECK(cudaEventElapsedTime(&ms, A.step_start, A.step_end));
   timeline_.gpu_compute = ms * 1e-3;
+  for (size_t bi = 0; bi < blocks_.size(); ++bi)
+    if (A.comm_timed[bi]) {
+      CUDA_CHECK(cudaEventElapsedTime(&ms, A.comm_ev[bi].first, A.comm_ev[bi].second));
+      timeline_.comm += ms * 1e-3;
+      timeline_.comm_bytes += double(blocks_[bi].len()) * 4;
+    }
 
   bool nonfinite = false;
   double norm_sq = 0;
+  finish_host_updates();  // a block the forward never fetched (none today) still gets its last update
   if (opt_.optimizer == OptimizerPlace::kHost) {
-    norm_sq = rules_->grad_norm_sq(state_.grad_shard());
+    norm_sq = rules_->grad_norm_sq(host_grad());
     state_.comm().all_reduce_sum(&norm_sq, 1);
     nonfinite = !std::isfinite(norm_sq);
   } else {
@@ -682,27 +709,15 @@ void ZeroEngine::device_update(int64_t step, double lr, float grad_coef) {
 }
 
 void ZeroEngine::host_update(int64_t step, double lr, float grad_coef) {
-  const int64_t version = ++access_->version;
-  auto* hc = static_cast<uint16_t*>(host_compute_->get());
-  // Forward order: the next step's forward waits for each block's update just before using it.
-  for (size_t bi = 0; bi < blocks_.size(); ++bi) {
-    Block* b = &blocks_[bi];
-    submit([this, b, hc, step, lr, grad_coef, version] {
-      const auto t0 = Clock::now();
-      if (b->adamw) {
-        const int64_t o = b->shard_offset;
-        AdamWBuffers buf{state_.master() + o, state_.exp_avg() + o, state_.exp_avg_sq() + o, state_.grad_shard() + o,
-                         hc + o, opt_.model.compute_dtype};
-        b->adamw->update(buf, step, lr, grad_coef);
-      }
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        b->host_version = version;
-        timeline_.cpu_optimizer += seconds_since(t0);
-      }
-      cv_.notify_all();
-    });
+  pending_ = PendingUpdate{step, lr, grad_coef, host_grad()};
+  if (opt_.delayed_update) {
+    // Runs while the GPU computes the next step (Access::enqueued), which therefore still sees the
+    // weights without this update.
+    delayed_pending_ = true;
+    return;
   }
+  // Recorded only: each block's update runs when the next forward (or a sync) first needs it.
+  ++access_->version;
 }
 
 }  // namespace longtune::gpu

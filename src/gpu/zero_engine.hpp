@@ -2,10 +2,11 @@
 //
 // The state is the trainer's ShardedTrainState: rank r owns shard r of the padded flat parameter
 // space (fp32 master, exp_avg, exp_avg_sq, gradient accumulator). Where that state lives:
-//   OptimizerPlace::kHost    in place, in the state's NUMA-bound host arena, page-locked with
-//                            cudaHostRegister (no second copy); AdamW runs there, on the CPU, in a
-//                            worker thread (Kokkos), block by block in forward order, so the next
-//                            step's forward starts on the first blocks while the CPU updates the rest.
+//   OptimizerPlace::kHost    in place, in the state's NUMA-bound host arena (the gradient
+//                            accumulator page-locked in place with cudaHostRegister: no second
+//                            copy); AdamW runs there, on the CPU (Kokkos), block by block when the
+//                            next forward first needs the block, so the GPU computes the layers
+//                            already enqueued while the CPU updates the next ones.
 //   OptimizerPlace::kDevice  a device copy of the shard; AdamW runs on the GPU.
 // The compute-dtype weights the kernels read:
 //   WeightPlace::kResident   every GPU holds all of them (2 bytes per parameter);
@@ -19,19 +20,23 @@
 // wire) and added to their shard accumulators (device) or copied to the host (kHost) while the
 // backward of earlier blocks goes on.
 //
+// Delayed parameter update (ZeroEngineOptions::delayed_update; the ZeRO-Offload paper's DPU): the
+// CPU update computed from step t's gradients runs while the GPU computes step t + 1, so step t + 1
+// takes its gradients at the weights before that update (one step stale); the new weights are
+// fetched at the start of step t + 2. Step 1 has nothing to overlap. A checkpoint, an evaluation or
+// any sync_state() applies the pending update first, in both an uninterrupted and a resumed run, so
+// resuming stays bit-exact. Needs --offload optimizer with resident weights.
+//
 // fp16 (V100): dynamic loss scaling exactly as GpuEngine does it. Steps with inf/nan gradients are
 // skipped on every rank (the norm is all-reduced).
 #pragma once
 #include <cuda_runtime.h>
 
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "src/gpu/device_comm.hpp"
@@ -51,6 +56,7 @@ struct ZeroEngineOptions {
   OptimizerPlace optimizer = OptimizerPlace::kHost;
   WeightPlace weights = WeightPlace::kResident;
   DType grad_wire_dtype = DType::F32;  // reduce-scatter dtype (F32 or BF16); world size 1: unused
+  bool delayed_update = false;         // kHost + kResident only: see the header comment
   double initial_loss_scale = 65536.0;
   int64_t loss_scale_window = 2000;
 };
@@ -75,11 +81,13 @@ struct ZeroMemoryPlan {
 struct ZeroTimeline {
   double step = 0;           // wall time of train_step
   double gpu_compute = 0;    // forward + backward on the compute stream (events)
-  double cpu_optimizer = 0;  // worker thread: AdamW + compute-dtype copy (kHost) that ran during this step
+  double cpu_optimizer = 0;  // host AdamW + compute-dtype copy (kHost) that ran during this step
                              // (the update of step t overlaps the forward of step t + 1)
   double wait_grads = 0;     // after backward: waiting for the last gradients to reach their owner
-  double wait_weights = 0;   // compute stream waiting for fetched weights (exposed copy / optimizer time)
+  double wait_weights = 0;   // host time in weight fetches, the pending CPU updates they run included
   double grad_bytes = 0;     // bytes reduce-scattered / copied to the host this step
+  double comm = 0;           // seconds inside the gradient reduce-scatters (grad stream, events)
+  double comm_bytes = 0;     // their fp32 input bytes (algbw = comm_bytes / comm)
 };
 
 class ZeroEngine {
@@ -117,10 +125,14 @@ class ZeroEngine {
 
  private:
   friend class Access;
-  // The CPU worker: tasks run in submission order.
-  void submit(std::function<void()> task);
-  void wait_worker();
-  void worker_loop();
+  // Host work, on the calling thread (src/gpu/zero_engine.cpp says why).
+  void defer(std::function<void()> task);
+  void run_deferred();
+  void apply_host_update(int block);
+  void run_host_update(int block);
+  void finish_host_updates();
+  void run_delayed_update();
+  float* host_grad() const { return host_grad_[cur_grad_]; }
 
   void fetch(int block, cudaStream_t wait_stream);
   void host_update(int64_t step, double lr, float grad_coef);
@@ -158,12 +170,17 @@ class ZeroEngine {
   size_t baseline_used_ = 0;
   ZeroTimeline timeline_;
 
-  std::thread worker_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> tasks_;
-  bool stop_ = false, busy_ = false;
-  std::exception_ptr worker_error_;
+  std::deque<std::function<void()>> deferred_;
+  struct PendingUpdate {
+    int64_t step = 0;
+    double lr = 0;
+    float grad_coef = 1;
+    const float* grad = nullptr;  // the host gradient buffer it reads
+  } pending_;
+  bool delayed_pending_ = false;
+  float* host_grad_[2] = {nullptr, nullptr};  // the state's accumulator, and a second one (delayed update)
+  int cur_grad_ = 0;
+  std::unique_ptr<PinnedBuffer> second_grad_;
 };
 
 }  // namespace longtune::gpu

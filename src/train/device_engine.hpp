@@ -59,6 +59,7 @@ struct DeviceEngineOptions {
   std::string attention = "auto";  // auto | tensor-core | sm75
   std::string offload = "none";    // none | optimizer | params
   std::string weights = "resident";  // resident | streamed
+  bool delayed_update = false;      // offload optimizer only
   int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
   int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
   AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)

@@ -34,7 +34,7 @@ const std::map<std::string, std::string>& option_sections() {
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
       {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
       {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
-      {"gpu-mem-limit", "gpu"},
+      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},
   };
   return sections;
 }
@@ -81,6 +81,7 @@ po::options_description make_description(TrainConfig* c) {
       ("attention", po::value(&c->attention), "[gpu] attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 with V100/T4-class instructions only)")
       ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
       ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
+      ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
       ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)");
   return desc;
 }
@@ -209,6 +210,8 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
           "none, optimizer or params", "'" + c.offload + "'");
   require(c.weights == "resident" || c.weights == "streamed", "weights", "resident or streamed", "'" + c.weights + "'");
   if (!c.gpu_mem_limit.empty()) parse_byte_size(c.gpu_mem_limit, "gpu-mem-limit");
+  require(!c.delayed_update || (c.offload == "optimizer" && c.weights == "resident"), "delayed-update",
+          "--offload optimizer with --weights resident", "--offload " + c.offload + " --weights " + c.weights);
   *out = c;
   return true;
 }
@@ -257,7 +260,8 @@ std::string to_ini(const TrainConfig& c) {
     << "\nlog-every = " << c.log_every << "\nthreads = " << c.threads << "\n";
   s << "\n[gpu]\n";
   s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\nattention = "
-    << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights << "\n";
+    << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights
+    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false") << "\n";
   if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();

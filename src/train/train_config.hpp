@@ -45,6 +45,7 @@ struct TrainConfig {
   std::string attention = "auto"; // attention kernel: auto | tensor-core | sm75 (fp16 only: the V100/T4 path)
   std::string offload = "none";   // none | optimizer (fp32 state + AdamW on the host) | params (also stream the weights)
   std::string weights = "resident"; // resident (every GPU holds all compute weights) | streamed (per block, ZeRO-3)
+  bool delayed_update = false;    // offload optimizer: overlap step t's CPU update with step t + 1 (one step stale)
   std::string gpu_mem_limit;      // e.g. 16GiB: cap the device memory this rank may use (emulates a smaller GPU)
 
   bool builtin_model() const { return model_dir.empty(); }

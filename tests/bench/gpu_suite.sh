@@ -69,14 +69,16 @@ for part in "$@"; do
       done ;;
     offload)
       # 3B at 16K: optimizer on the host (ours) beside FSDP2 CPU offload (the anchor), and ours all on the GPU.
-      OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model 3b --seq-len 16384 --offload optimizer --steps 6 --warmup 2 2>&1 \
-        | tee -a "$out/bench_offload.log" | grep -E "RESULT|error|plan|step"
+      for extra in "" "--delayed-update"; do
+        OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model 3b --seq-len 16384 --offload optimizer $extra --steps 6 --warmup 2 2>&1 \
+          | tee -a "$out/bench_offload.log" | grep -E "RESULT \{|error"
+      done
       "$dir/bin/longtune" bench train --model 3b --seq-len 16384 --steps 5 --warmup 2 2>&1 | tee -a "$out/bench_offload.log" | grep -E "RESULT \{|error"
       python3 "$dir/anchor_torch.py" train 3b 16384 offload 2>&1 | tee -a "$out/bench_offload_anchor.log" | grep -E "RESULT|Error" ;;
     plan)
       # Planner predictions beside measured peaks (--gpu-mem-limit emulates the smaller GPU).
       for c in "1b 16384 optimizer resident layer 24GiB" "3b 16384 optimizer resident layer 48GiB" \
-               "3b 32768 params streamed layer 16GiB" "8b 16384 params streamed layer 48GiB"; do
+               "3b 32768 params streamed layer 16GiB" "1b 32768 none resident none 80GiB"; do
         set -- $c
         OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" --offload "$3" --weights "$4" \
           --recompute "$5" --gpu-mem-limit "$6" --steps 3 --warmup 1 2>&1 | tee -a "$out/plan_vs_measured.log" | grep -E "RESULT|error"

@@ -72,7 +72,7 @@ State run_reference(const test::GoldenModel& g, const PackedBatch& batch, const 
 }
 
 State run_zero(const test::GoldenModel& g, const PackedBatch& batch, const AdamWConfig& a, DType dtype, int steps,
-               int micro, const Case& c) {
+               int micro, const Case& c, bool delayed = false) {
   std::unique_ptr<Comm> comm = make_comm();
   ShardedTrainState state(*g.table, *comm, a);
   state.load_full(g.weights.data());
@@ -81,6 +81,7 @@ State run_zero(const test::GoldenModel& g, const PackedBatch& batch, const AdamW
   o.optimizer = c.optimizer;
   o.weights = c.weights;
   o.initial_loss_scale = 1024.0;
+  o.delayed_update = delayed;
   gpu::ZeroEngine engine(g.cfg, *g.table, a, o, state);
   const std::vector<PackedBatch> mbs(size_t(micro), batch);
   State s;
@@ -153,4 +154,27 @@ TEST(GpuZeroEngine, FollowsTheSingleGpuEngineWithClippingAndAccumulation) {
     std::printf("[zero-engine] %s, clip + 3 micro-batches: update rel %.2e\n", c.name, err);
     EXPECT_LT(err, 1e-4);
   }
+}
+
+// Delayed update: step t + 1 runs on the weights before step t's update. With the same batch every
+// step, step 2 sees the initial weights again (its loss equals step 1's) and step 3 sees the weights
+// after one update (its loss equals the exact schedule's step 2); the update order itself is exact,
+// and one step plus a sync gives exactly the first update.
+TEST(GpuZeroEngine, DelayedUpdateIsOneStepStale) {
+  SKIP_WITHOUT_GPU();
+  const KokkosScope kokkos;
+  const test::GoldenModel g = test::load_golden_model(kCase);
+  const PackedBatch batch = test::load_batch(test::golden_dir() / kCase / "batch.json");
+  const Case offload = kCases[0];
+  const State ref = run_reference(g, batch, adamw(0.0), DType::BF16, 3, 1);
+  const State one = run_zero(g, batch, adamw(0.0), DType::BF16, 1, 1, offload, /*delayed=*/true);
+  EXPECT_EQ(0, std::memcmp(one.master.data(), run_reference(g, batch, adamw(0.0), DType::BF16, 1, 1).master.data(),
+                           one.master.size() * 4))
+      << "one step and a sync apply exactly the first update";
+  const State z = run_zero(g, batch, adamw(0.0), DType::BF16, 3, 1, offload, /*delayed=*/true);
+  EXPECT_EQ(z.losses[0], ref.losses[0]);
+  EXPECT_EQ(z.losses[1], ref.losses[0]) << "step 2 still sees the initial weights";
+  EXPECT_EQ(z.losses[2], ref.losses[1]) << "step 3 sees the weights after one update";
+  std::printf("[zero-engine] delayed update losses %.6f %.6f %.6f (exact schedule %.6f %.6f %.6f)\n", z.losses[0],
+              z.losses[1], z.losses[2], ref.losses[0], ref.losses[1], ref.losses[2]);
 }
