@@ -107,18 +107,8 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   opt.model.max_tokens = seq;
   opt.model.nondeterministic_attention = nondet;
   opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
-  opt.optimizer = offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
-  opt.weights = (offload == "params" || weights == "streamed") ? gpu::WeightPlace::kStreamed : gpu::WeightPlace::kResident;
   opt.delayed_update = delayed;
-  if (recompute == "none") opt.model.recompute = gpu::Recompute::kNone;
-  else if (recompute == "layer") opt.model.recompute = gpu::Recompute::kLayer;
-  else if (recompute == "auto") {
-    opt.model.recompute = gpu::Recompute::kNone;
-    if (double(gpu::ZeroEngine::plan(cfg, opt, comm.size()).device_total()) > 0.95 * double(gpu::device_memory_info().free))
-      opt.model.recompute = gpu::Recompute::kLayer;
-  } else {
-    throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
-  }
+  gpu::ZeroEngine::apply_placement(&opt, offload, weights, recompute, cfg, comm.size());
   const gpu::ZeroMemoryPlan plan = gpu::ZeroEngine::plan(cfg, opt, comm.size());
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.local_rank() % count));
@@ -228,10 +218,6 @@ int run_bench_train(int argc, char** argv) {
   const LlamaConfig cfg = gpu::llama_shape_by_name(model);
   const ParamTable table(cfg);
   std::unique_ptr<Comm> comm = make_comm();
-  if (offload != "none" && offload != "optimizer" && offload != "params")
-    throw ConfigError("--offload: expected none, optimizer or params, got '" + offload + "'");
-  if (weights != "resident" && weights != "streamed")
-    throw ConfigError("--weights: expected resident or streamed, got '" + weights + "'");
   if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty() || delayed)
     return run_bench_train_sharded(cfg, table, *comm, model, seq, steps, warmup, dtype, recompute, attention, nondet,
                                    offload, weights, mem_limit, threads, delayed);

@@ -113,15 +113,10 @@ class ZeroDeviceEngine final : public DeviceEngine {
   DeviceStepResult train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets, int64_t step,
                               double lr) override {
     DeviceStepResult r;
-    const gpu::GpuStepInfo info = engine_.train_step(micro_batches, global_targets, step, lr, &r.loss);
+    const gpu::GpuStepInfo info = engine_.train_step(micro_batches, global_targets, step, lr, &r.loss, &r.tokens);
     r.optim = info.optim;
     r.skipped = info.skipped;
     r.loss_scale = info.loss_scale;
-    double tokens = 0;
-    if (global_targets > 0)
-      for (const PackedBatch& b : micro_batches) tokens += double(b.num_tokens());
-    state_.comm().all_reduce_sum(&tokens, 1);
-    r.tokens = int64_t(tokens);
     return r;
   }
 
@@ -175,13 +170,7 @@ static void check_dtype(const std::string& dtype) {
 void check_device(const TrainConfig& cfg) {
   if (cuda::device_count() == 0)
     throw ConfigError("--device cuda: expected a visible CUDA GPU, found none (CUDA_VISIBLE_DEVICES, driver?)");
-  if (cfg.dtype == "bf16") {
-    cudaDeviceProp p{};
-    CUDA_CHECK(cudaGetDeviceProperties(&p, 0));
-    if (p.major < 8)
-      throw ConfigError("--dtype bf16: expected a GPU of compute capability 8.0 or newer, got " + std::string(p.name) +
-                        " (sm_" + std::to_string(p.major) + std::to_string(p.minor) + "): use --dtype fp16");
-  }
+  check_dtype(cfg.dtype);  // on the current GPU (0 before any rank picked its own)
 }
 
 namespace {
@@ -214,17 +203,8 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
   check_dtype(o.dtype);
   gpu::ZeroEngineOptions opt;
   opt.model = model_options(o);
-  opt.optimizer = o.offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
-  opt.weights = (o.offload == "params" || o.weights == "streamed") ? gpu::WeightPlace::kStreamed
-                                                                   : gpu::WeightPlace::kResident;
   opt.delayed_update = o.delayed_update;
-  opt.model.recompute = o.recompute == "none" ? gpu::Recompute::kNone : gpu::Recompute::kLayer;
-  if (o.recompute == "auto") {
-    opt.model.recompute = gpu::Recompute::kNone;
-    if (double(gpu::ZeroEngine::plan(model_cfg, opt, comm.size()).device_total()) >
-        0.95 * double(gpu::device_memory_info().free))
-      opt.model.recompute = gpu::Recompute::kLayer;
-  }
+  gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, o.recompute, model_cfg, comm.size());
   return std::make_unique<ZeroDeviceEngine>(model_cfg, table, o.adamw, opt, state);
 }
 

@@ -18,8 +18,9 @@ constexpr size_t kLibraryAllowance = size_t(512) << 20;
 
 size_t state_bytes(int64_t n) { return 4 * align_up(size_t(n) * sizeof(float)); }
 
-// The CPU's scalars (src/optim/adamw.hpp), so a GPU step equals a CPU step bit for bit.
-cuda::AdamWScalars device_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef) {
+}  // namespace
+
+cuda::AdamWScalars device_adamw_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef) {
   const AdamWStepScalars h = adamw_step_scalars(cfg, step, lr, grad_coef);
   cuda::AdamWScalars s;
   s.lr = h.lr, s.beta1 = h.beta1, s.beta2 = h.beta2, s.eps = h.eps, s.weight_decay = h.weight_decay;
@@ -28,7 +29,30 @@ cuda::AdamWScalars device_scalars(const AdamWConfig& cfg, int64_t step, double l
   return s;
 }
 
-}  // namespace
+std::optional<float> LossScaler::decide(double norm_sq, bool nonfinite, int64_t step, const AdamW& rules,
+                                        GpuStepInfo* info) {
+  info->loss_scale = scale_;
+  if (nonfinite) {
+    if (!fp16_)
+      throw NumericalError("step " + std::to_string(step) + ": non-finite gradient in bf16 training (inf/nan); "
+                           "lower --lr or check the data");
+    // Skip the update, halve the scale (torch.cuda.amp.GradScaler).
+    info->skipped = true;
+    info->optim.grad_norm = std::nan("");
+    scale_ = std::max(scale_ * 0.5, 1.0);
+    good_steps_ = 0;
+    return std::nullopt;
+  }
+  info->optim.grad_norm = std::sqrt(norm_sq) / scale_;
+  info->optim.clip_coef = rules.clip_coefficient(info->optim.grad_norm);
+  // The gradient is divided by the loss scale on the fly: a power of two, so exact.
+  const float grad_coef = info->optim.clip_coef * float(1.0 / scale_);
+  if (fp16_ && ++good_steps_ >= window_) {
+    scale_ *= 2.0;
+    good_steps_ = 0;
+  }
+  return grad_coef;
+}
 
 std::string GpuMemoryPlan::describe() const {
   return "state " + format_bytes(double(state)) + " + weights " + format_bytes(double(weights)) + " + activations " +
@@ -58,7 +82,11 @@ Recompute GpuEngine::choose_recompute(const std::string& name, const LlamaConfig
 
 GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
                      const GpuEngineOptions& opt)
-    : table_(table), adamw_cfg_(adamw), opt_(opt), plan_(plan(cfg, opt)) {
+    : table_(table),
+      adamw_cfg_(adamw),
+      opt_(opt),
+      plan_(plan(cfg, opt)),
+      scaler_(opt.model.compute_dtype, opt.initial_loss_scale, opt.loss_scale_window) {
   const DeviceMemoryInfo mem = device_memory_info();
   baseline_used_ = mem.total - mem.free;
   if (plan_.total() > mem.free)
@@ -94,7 +122,6 @@ GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const Adam
 
   act_arena_.allocate(plan_.activations, "GPU activations");
   model_ = std::make_unique<LlamaGpu>(cfg, table, opt.model, act_arena_, stream_);
-  loss_scale_ = opt.model.compute_dtype == DType::F16 ? opt.initial_loss_scale : 1.0;
   synchronize();
 }
 
@@ -151,7 +178,7 @@ void GpuEngine::init_random(uint64_t seed, float std) {
 }
 
 LossSum GpuEngine::accumulate(const PackedBatch& batch, int64_t global_targets) {
-  const double scale = global_targets > 0 ? loss_scale_ / double(global_targets) : 0.0;
+  const double scale = global_targets > 0 ? scaler_.scale() / double(global_targets) : 0.0;
   return model_->forward_backward(weights_, grad_, batch, scale);
 }
 
@@ -159,7 +186,7 @@ LossSum GpuEngine::evaluate(const PackedBatch& batch) { return model_->forward(w
 
 GpuStepInfo GpuEngine::optimizer_step(int64_t step, double lr) {
   GpuStepInfo info;
-  info.loss_scale = loss_scale_;
+  info.loss_scale = scaler_.scale();
   info.optim.lr = lr;
   const int64_t n = table_.total_elements();
   cuda::grad_norm_sq(norm_sq_, nonfinite_, grad_, static_cast<const cuda::DeviceOptimRange*>(ranges_), num_ranges_, n,
@@ -170,28 +197,10 @@ GpuStepInfo GpuEngine::optimizer_step(int64_t step, double lr) {
   synchronize();
   const double norm_sq = *reinterpret_cast<double*>(host);
   const bool nonfinite = *reinterpret_cast<int32_t*>(host + sizeof(double)) != 0;
-  const bool fp16 = opt_.model.compute_dtype == DType::F16;
-  if (nonfinite) {
-    if (!fp16)
-      throw NumericalError("step " + std::to_string(step) + ": non-finite gradient in bf16 training (inf/nan); "
-                           "lower --lr or check the data");
-    // Skip the update, halve the scale (torch.cuda.amp.GradScaler).
-    info.skipped = true;
-    info.optim.grad_norm = std::nan("");
-    loss_scale_ = std::max(loss_scale_ * 0.5, 1.0);
-    good_steps_ = 0;
-  } else {
-    info.optim.grad_norm = std::sqrt(norm_sq) / loss_scale_;
-    info.optim.clip_coef = host_rules_->clip_coefficient(info.optim.grad_norm);
-    // The gradient is divided by the loss scale on the fly: a power of two, so exact.
-    const float grad_coef = info.optim.clip_coef * float(1.0 / loss_scale_);
-    const cuda::AdamWScalars s = device_scalars(adamw_cfg_, step, lr, grad_coef);
+  if (const std::optional<float> grad_coef = scaler_.decide(norm_sq, nonfinite, step, *host_rules_, &info)) {
+    const cuda::AdamWScalars s = device_adamw_scalars(adamw_cfg_, step, lr, *grad_coef);
     cuda::adamw_update(master_, exp_avg_, exp_avg_sq_, grad_, weights_, opt_.model.compute_dtype,
                        static_cast<const cuda::DeviceOptimRange*>(ranges_), num_ranges_, s, stream_);
-    if (fp16 && ++good_steps_ >= opt_.loss_scale_window) {
-      loss_scale_ *= 2.0;
-      good_steps_ = 0;
-    }
   }
   CUDA_CHECK(cudaMemsetAsync(grad_, 0, size_t(n) * sizeof(float), stream_));
   return info;

@@ -11,8 +11,10 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
+#include "kernels/cuda/adamw.cuh"
 #include "src/gpu/device_memory.hpp"
 #include "src/gpu/llama_gpu.hpp"
 #include "src/optim/adamw.hpp"
@@ -39,6 +41,30 @@ struct GpuStepInfo {
   AdamWStepInfo optim;
   bool skipped = false;      // fp16 overflow: no update
   double loss_scale = 1.0;   // scale used for this step's gradients
+};
+
+// The CPU's AdamW scalars of one step (src/optim/adamw.hpp) in the CUDA update's struct, so a GPU
+// step equals a CPU step bit for bit.
+cuda::AdamWScalars device_adamw_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef);
+
+// What a step does with its global gradient norm, for both GPU engines: fp16 dynamic loss scaling
+// (skip and halve on inf/nan, double after `window` good steps), bf16 refusing non-finite
+// gradients, and the clip coefficient.
+class LossScaler {
+ public:
+  LossScaler(DType compute_dtype, double initial_scale, int64_t window)
+      : fp16_(compute_dtype == DType::F16), scale_(fp16_ ? initial_scale : 1.0), window_(window) {}
+  double scale() const { return scale_; }
+  void set_scale(double s) { scale_ = s; }
+  // norm_sq: global sum of squares of the scaled gradients. Fills info; returns the coefficient the
+  // update multiplies the gradients by (clip / scale: exact, the scale is a power of two), or
+  // nothing when the step is skipped. Throws NumericalError for non-finite bf16 gradients.
+  std::optional<float> decide(double norm_sq, bool nonfinite, int64_t step, const AdamW& rules, GpuStepInfo* info);
+
+ private:
+  bool fp16_;
+  double scale_;
+  int64_t window_, good_steps_ = 0;
 };
 
 class GpuEngine {
@@ -69,8 +95,8 @@ class GpuEngine {
   GpuStepInfo optimizer_step(int64_t step, double lr);
   LossSum evaluate(const PackedBatch& batch);
 
-  double loss_scale() const { return loss_scale_; }
-  void set_loss_scale(double s) { loss_scale_ = s; }
+  double loss_scale() const { return scaler_.scale(); }
+  void set_loss_scale(double s) { scaler_.set_scale(s); }
   const GpuMemoryPlan& memory_plan() const { return plan_; }
   size_t peak_device_bytes() const;  // what the process holds on the device, library allocations included
   cudaStream_t stream() const { return stream_; }
@@ -93,8 +119,7 @@ class GpuEngine {
   std::unique_ptr<PinnedBuffer> host_flags_;
   std::unique_ptr<AdamW> host_rules_;  // clip coefficient and scalars, shared with the CPU engine
   std::unique_ptr<LlamaGpu> model_;
-  double loss_scale_ = 1.0;
-  int64_t good_steps_ = 0;
+  LossScaler scaler_;
   size_t baseline_used_ = 0;  // device memory in use before the engine allocated
 };
 

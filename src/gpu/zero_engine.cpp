@@ -1,7 +1,6 @@
 #include "src/gpu/zero_engine.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 
@@ -21,15 +20,6 @@ constexpr int kGradSlots = 2;    // a layer's gradient is reduced while the next
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
-
-cuda::AdamWScalars device_scalars(const AdamWConfig& cfg, int64_t step, double lr, float grad_coef) {
-  const AdamWStepScalars h = adamw_step_scalars(cfg, step, lr, grad_coef);
-  cuda::AdamWScalars s;
-  s.lr = h.lr, s.beta1 = h.beta1, s.beta2 = h.beta2, s.eps = h.eps, s.weight_decay = h.weight_decay;
-  s.one_minus_beta1 = h.one_minus_beta1, s.one_minus_beta2 = h.one_minus_beta2, s.lr_times_wd = h.lr_times_wd;
-  s.step_size = h.step_size, s.sqrt_bc2 = h.sqrt_bc2, s.grad_coef = h.grad_coef, s.decay_factor = h.decay_factor;
-  return s;
-}
 
 // Sizes shared by plan() and the constructor.
 struct Sizes {
@@ -91,6 +81,21 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
   if (opt.optimizer == OptimizerPlace::kHost)
     p.host_pinned = round_up_to_pages(size_t(z.shard_len) * cb) + round_up_to_pages(size_t(z.max_piece) * 4);
   return p;
+}
+
+void ZeroEngine::apply_placement(ZeroEngineOptions* opt, const std::string& offload, const std::string& weights,
+                                 const std::string& recompute, const LlamaConfig& cfg, int world) {
+  if (offload != "none" && offload != "optimizer" && offload != "params")
+    throw ConfigError("--offload: expected none, optimizer or params, got '" + offload + "'");
+  if (weights != "resident" && weights != "streamed")
+    throw ConfigError("--weights: expected resident or streamed, got '" + weights + "'");
+  opt->optimizer = offload == "none" ? OptimizerPlace::kDevice : OptimizerPlace::kHost;
+  opt->weights = (offload == "params" || weights == "streamed") ? WeightPlace::kStreamed : WeightPlace::kResident;
+  if (recompute == "none" || recompute == "auto") opt->model.recompute = Recompute::kNone;
+  else if (recompute == "layer") opt->model.recompute = Recompute::kLayer;
+  else throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
+  if (recompute == "auto" && double(plan(cfg, *opt, world).device_total()) > 0.95 * double(device_memory_info().free))
+    opt->model.recompute = Recompute::kLayer;
 }
 
 struct ZeroEngine::Block {
@@ -167,9 +172,8 @@ class ZeroEngine::Access final : public GpuParamAccess {
 
 // Own piece into place, then the owners' pieces gathered, on the fetch stream. The callers run the
 // block's pending CPU update first (kHost).
-static void copy_piece_and_gather(ZeroEngine& e, ZeroEngine::Block& b, uint16_t* dest, const uint16_t* host_compute,
+static void copy_piece_and_gather(ZeroEngine::Block& b, uint16_t* dest, const uint16_t* host_compute,
                                   const uint16_t* dev_compute_shard, DeviceComm* comm, cudaStream_t stream) {
-  (void)e;
   if (b.piece_len > 0) {
     if (host_compute) {
       CUDA_CHECK(cudaMemcpyAsync(dest + b.piece_offset, host_compute + b.shard_offset, size_t(b.piece_len) * 2,
@@ -182,7 +186,7 @@ static void copy_piece_and_gather(ZeroEngine& e, ZeroEngine::Block& b, uint16_t*
   if (comm && comm->size() > 1) comm->all_gather_v(dest, dest + b.piece_offset, b.counts, DType::BF16, stream);
 }
 
-void ZeroEngine::fetch(int bi, cudaStream_t) {
+void ZeroEngine::fetch(int bi) {
   // Resident block: refresh after an update.
   Block& b = blocks_[size_t(bi)];
   if (b.fetched_version == access_->version) return;
@@ -191,7 +195,7 @@ void ZeroEngine::fetch(int bi, cudaStream_t) {
   timeline_.wait_weights += seconds_since(t0);
   const uint16_t* hc = opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(host_compute_->get()) : nullptr;
   // kDevice + resident: the update wrote this rank's piece in place already (no copy then).
-  copy_piece_and_gather(*this, b, b.weights, hc, d_compute_shard_, fetch_comm_.get(), fetch_stream_);
+  copy_piece_and_gather(b, b.weights, hc, d_compute_shard_, fetch_comm_.get(), fetch_stream_);
   CUDA_CHECK(cudaEventRecord(access_->block_ready[size_t(bi)], fetch_stream_));
   b.fetched_version = access_->version;
 }
@@ -213,7 +217,7 @@ int ZeroEngine::Access::fetch_into_slot(int block) {
   CUDA_CHECK(cudaStreamWaitEvent(e_.fetch_stream_, ws.released, 0));  // the last user is done with it
   const uint16_t* hc =
       e_.opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(e_.host_compute_->get()) : nullptr;
-  copy_piece_and_gather(e_, b, ws.data, hc, e_.d_compute_shard_, e_.fetch_comm_.get(), e_.fetch_stream_);
+  copy_piece_and_gather(b, ws.data, hc, e_.d_compute_shard_, e_.fetch_comm_.get(), e_.fetch_stream_);
   CUDA_CHECK(cudaEventRecord(ws.ready, e_.fetch_stream_));
   ws.block = block;
   ws.version = version;
@@ -235,7 +239,7 @@ void ZeroEngine::Access::prefetch(int block) {
 const void* ZeroEngine::Access::acquire(int block) {
   ZeroEngine::Block& b = e_.blocks_[size_t(block)];
   if (!b.streamed) {
-    e_.fetch(block, e_.compute_);
+    e_.fetch(block);
     CUDA_CHECK(cudaStreamWaitEvent(e_.compute_, block_ready[size_t(block)], 0));
     return block_base(b.weights, b.begin, 2);
   }
@@ -329,7 +333,6 @@ void ZeroEngine::Access::grads_done(int block) {
       });
     }
   }
-  e.timeline_.grad_bytes += double(b.len()) * 4;
   if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, gs));
 }
 
@@ -337,7 +340,11 @@ void ZeroEngine::Access::grads_done(int block) {
 
 ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
                        const ZeroEngineOptions& opt, ShardedTrainState& state)
-    : table_(table), adamw_cfg_(adamw), opt_(opt), state_(state) {
+    : table_(table),
+      adamw_cfg_(adamw),
+      opt_(opt),
+      state_(state),
+      scaler_(opt.model.compute_dtype, opt.initial_loss_scale, opt.loss_scale_window) {
   world_ = state.comm().size();
   rank_ = state.comm().rank();
   if (opt.delayed_update && (opt.optimizer != OptimizerPlace::kHost || opt.weights != WeightPlace::kResident))
@@ -475,7 +482,6 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
 
   act_arena_.allocate(plan_.activations, "GPU activations");
   model_ = std::make_unique<LlamaGpu>(cfg, table, opt.model, act_arena_, compute_);
-  loss_scale_ = opt.model.compute_dtype == DType::F16 ? opt.initial_loss_scale : 1.0;
   state_changed();
 }
 
@@ -602,18 +608,18 @@ LossSum ZeroEngine::evaluate(const PackedBatch& batch) {
 }
 
 GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets,
-                                   int64_t step, double lr, LossSum* loss_out) {
+                                   int64_t step, double lr, LossSum* loss_out, int64_t* tokens_out) {
   const auto t_step = Clock::now();
   timeline_ = ZeroTimeline{};
   GpuStepInfo info;
-  info.loss_scale = loss_scale_;
+  info.loss_scale = scaler_.scale();
   info.optim.lr = lr;
   LossSum loss;
   Access& A = *access_;
   if (opt_.delayed_update) cur_grad_ ^= 1;  // the pending update keeps reading the other buffer
   std::fill(A.comm_timed.begin(), A.comm_timed.end(), 0);
   if (global_targets > 0) {
-    const double scale = loss_scale_ / double(global_targets);
+    const double scale = scaler_.scale() / double(global_targets);
     CUDA_CHECK(cudaEventRecord(A.step_start, compute_));
     for (size_t m = 0; m < micro_batches.size(); ++m) {
       micro_index_ = int(m);
@@ -623,10 +629,13 @@ GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches
     CUDA_CHECK(cudaEventRecord(A.step_end, compute_));
   }
   // Global loss and token counts.
-  double sums[2] = {loss.sum, double(loss.count)};
-  state_.comm().all_reduce_sum(sums, 2);
+  double sums[3] = {loss.sum, double(loss.count), 0.0};
+  if (global_targets > 0)
+    for (const PackedBatch& b : micro_batches) sums[2] += double(b.num_tokens());
+  state_.comm().all_reduce_sum(sums, 3);
   loss_out->sum = sums[0];
   loss_out->count = int64_t(sums[1]);
+  if (tokens_out) *tokens_out = int64_t(sums[2]);
   if (global_targets == 0) {
     info.skipped = true;
     return info;
@@ -659,26 +668,11 @@ GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches
   } else {
     norm_sq = grad_norm_sq_device(&nonfinite);
   }
-  const bool fp16 = opt_.model.compute_dtype == DType::F16;
-  if (nonfinite) {
-    if (!fp16)
-      throw NumericalError("step " + std::to_string(step) + ": non-finite gradient in bf16 training (inf/nan); "
-                           "lower --lr or check the data");
-    info.skipped = true;
-    info.optim.grad_norm = std::nan("");
-    loss_scale_ = std::max(loss_scale_ * 0.5, 1.0);
-    good_steps_ = 0;
-    if (direct_grads(opt_, world_)) CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, size_t(state_.shard_len()) * 4, compute_));
-  } else {
-    info.optim.grad_norm = std::sqrt(norm_sq) / loss_scale_;
-    info.optim.clip_coef = rules_->clip_coefficient(info.optim.grad_norm);
-    const float grad_coef = info.optim.clip_coef * float(1.0 / loss_scale_);
-    if (opt_.optimizer == OptimizerPlace::kHost) host_update(step, lr, grad_coef);
-    else device_update(step, lr, grad_coef);
-    if (fp16 && ++good_steps_ >= opt_.loss_scale_window) {
-      loss_scale_ *= 2.0;
-      good_steps_ = 0;
-    }
+  if (const std::optional<float> grad_coef = scaler_.decide(norm_sq, nonfinite, step, *rules_, &info)) {
+    if (opt_.optimizer == OptimizerPlace::kHost) host_update(step, lr, *grad_coef);
+    else device_update(step, lr, *grad_coef);
+  } else if (direct_grads(opt_, world_)) {
+    CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, size_t(state_.shard_len()) * 4, compute_));  // skipped: start over
   }
   timeline_.step = seconds_since(t_step);
   return info;
@@ -698,7 +692,7 @@ double ZeroEngine::grad_norm_sq_device(bool* nonfinite) {
 }
 
 void ZeroEngine::device_update(int64_t step, double lr, float grad_coef) {
-  const cuda::AdamWScalars s = device_scalars(adamw_cfg_, step, lr, grad_coef);
+  const cuda::AdamWScalars s = device_adamw_scalars(adamw_cfg_, step, lr, grad_coef);
   cuda::adamw_update(d_master_, d_exp_avg_, d_exp_avg_sq_, d_grad_, d_compute_shard_, opt_.model.compute_dtype,
                      static_cast<const cuda::DeviceOptimRange*>(d_ranges_), num_ranges_, s, compute_);
   if (direct_grads(opt_, world_)) CUDA_CHECK(cudaMemsetAsync(d_grad_, 0, size_t(state_.shard_len()) * 4, compute_));

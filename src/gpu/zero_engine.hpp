@@ -85,7 +85,6 @@ struct ZeroTimeline {
                              // (the update of step t overlaps the forward of step t + 1)
   double wait_grads = 0;     // after backward: waiting for the last gradients to reach their owner
   double wait_weights = 0;   // host time in weight fetches, the pending CPU updates they run included
-  double grad_bytes = 0;     // bytes reduce-scattered / copied to the host this step
   double comm = 0;           // seconds inside the gradient reduce-scatters (grad stream, events)
   double comm_bytes = 0;     // their fp32 input bytes (algbw = comm_bytes / comm)
 };
@@ -93,6 +92,11 @@ struct ZeroTimeline {
 class ZeroEngine {
  public:
   static ZeroMemoryPlan plan(const LlamaConfig& cfg, const ZeroEngineOptions& opt, int world);
+  // The --offload (none | optimizer | params), --weights (resident | streamed) and --recompute
+  // (none | layer | auto: none when the plan fits in 95% of the free device memory) options of
+  // train and bench, into opt (ConfigError for other values). The rest of opt must be set.
+  static void apply_placement(ZeroEngineOptions* opt, const std::string& offload, const std::string& weights,
+                              const std::string& recompute, const LlamaConfig& cfg, int world);
 
   // state: this rank's shard (already holding the initial or resumed weights). Throws ConfigError
   // with the plan's numbers when the device memory does not suffice.
@@ -107,13 +111,14 @@ class ZeroEngine {
   // Everything the optimizer owes is done and, with kDevice, copied back into the state's arrays.
   void sync_state();
 
-  // One optimizer step over this rank's micro-batches; collective. The loss is the global one.
+  // One optimizer step over this rank's micro-batches; collective. The loss is the global one, and
+  // so are the packed tokens (0 when no rank had a counted target), when `tokens` is given.
   GpuStepInfo train_step(const std::vector<PackedBatch>& micro_batches, int64_t global_targets, int64_t step,
-                         double lr, LossSum* loss);
+                         double lr, LossSum* loss, int64_t* tokens = nullptr);
   LossSum evaluate(const PackedBatch& batch);
 
-  double loss_scale() const { return loss_scale_; }
-  void set_loss_scale(double s) { loss_scale_ = s; }
+  double loss_scale() const { return scaler_.scale(); }
+  void set_loss_scale(double s) { scaler_.set_scale(s); }
   const ZeroMemoryPlan& memory_plan() const { return plan_; }
   const ZeroTimeline& timeline() const { return timeline_; }
   size_t peak_device_bytes() const;
@@ -134,7 +139,7 @@ class ZeroEngine {
   void run_delayed_update();
   float* host_grad() const { return host_grad_[cur_grad_]; }
 
-  void fetch(int block, cudaStream_t wait_stream);
+  void fetch(int block);  // a resident block's weights after an update
   void host_update(int64_t step, double lr, float grad_coef);
   void device_update(int64_t step, double lr, float grad_coef);
   double grad_norm_sq_device(bool* nonfinite);
@@ -164,8 +169,7 @@ class ZeroEngine {
   int32_t* d_nonfinite_ = nullptr;
   std::unique_ptr<PinnedBuffer> host_flags_;
   std::unique_ptr<AdamW> rules_;  // clip coefficient, and the norm over the whole shard (kHost)
-  double loss_scale_ = 1.0;
-  int64_t good_steps_ = 0;
+  LossScaler scaler_;
   int micro_index_ = 0;  // within the current step
   size_t baseline_used_ = 0;
   ZeroTimeline timeline_;
