@@ -245,6 +245,49 @@ TEST(AdamWExact, SimdLevelsAndSerialGiveIdenticalBits) {
     }
 }
 
+// bf16 host gradients (ZeRO-Offload, lean host state): the same update and norm, bit for bit, as
+// fp32 gradients holding the widened bf16 values, for every SIMD level.
+TEST(AdamWExact, Bf16GradientEqualsWidenedFp32Gradient) {
+  State base(odd_tensors());
+  base.randomize(23, 3.0f);
+  std::vector<uint16_t> g16(base.g.size());
+  for (size_t i = 0; i < g16.size(); ++i) g16[i] = float_to_bf16(base.g[i]);
+  State widened = base;
+  for (size_t i = 0; i < g16.size(); ++i) widened.g[i] = bf16_to_float(g16[i]);
+  ASSERT_NE(widened.g, base.g);  // the rounding really happened
+  AdamWConfig c;
+  c.lr = 2e-3;
+  c.weight_decay = 0.1;
+  c.clip = 1.0;
+  for (SimdLevel level : {SimdLevel::Scalar, SimdLevel::SSE2, SimdLevel::AVX2, SimdLevel::AVX512}) {
+    if (!simd_level_supported(level)) continue;
+    State a = base, b = widened;
+    AdamW opt(a.ranges, a.length, c, AdamWExecution{false, level});
+    EXPECT_EQ(opt.grad_norm_sq(g16.data()), opt.grad_norm_sq(b.g.data())) << simd_level_name(level);
+    for (int64_t step = 1; step <= 2; ++step) {
+      AdamWBuffers ab = a.buffers();
+      ab.grad = nullptr;
+      ab.grad_bf16 = g16.data();
+      const AdamWStepInfo ia = opt.step(ab, step, c.lr);
+      const AdamWStepInfo ib = opt.step(b.buffers(), step, c.lr);
+      EXPECT_EQ(ia.grad_norm, ib.grad_norm);
+      EXPECT_EQ(ia.clip_coef, ib.clip_coef);
+    }
+    for (size_t k = 0; k < size_t(a.length); ++k) {
+      ASSERT_EQ(bits_of(a.p[k]), bits_of(b.p[k])) << simd_level_name(level) << " at " << k;
+      ASSERT_EQ(bits_of(a.m[k]), bits_of(b.m[k])) << k;
+      ASSERT_EQ(bits_of(a.v[k]), bits_of(b.v[k])) << k;
+      ASSERT_EQ(a.out[k], b.out[k]) << k;
+    }
+  }
+  // Exactly one gradient.
+  State a = base;
+  AdamW opt(a.ranges, a.length, c);
+  AdamWBuffers both = a.buffers();
+  both.grad_bf16 = g16.data();
+  EXPECT_THROW(opt.update(both, 1, c.lr), InternalError);
+}
+
 TEST(AdamWExact, GradNormIndependentOfThreadsAndSimd) {
   State s(odd_tensors());
   s.randomize(5);

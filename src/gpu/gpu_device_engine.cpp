@@ -205,6 +205,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
   opt.model = model_options(o);
   opt.delayed_update = o.delayed_update;
   gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, o.recompute, model_cfg, comm.size());
+  gpu::ZeroEngine::apply_host_state(&opt, o.host_grad_dtype, o.host_weights);
   return std::make_unique<ZeroDeviceEngine>(model_cfg, table, o.adamw, opt, state);
 }
 

@@ -17,6 +17,9 @@ constexpr size_t kLibraryAllowance = size_t(512) << 20;  // cuBLASLt, context gr
 constexpr size_t kNcclAllowance = size_t(384) << 20;     // NCCL channels and buffers, per communicator pair
 constexpr int kWeightSlots = 3;  // streamed: this layer, the next (its input norm closes this one), a prefetch
 constexpr int kGradSlots = 2;    // a layer's gradient is reduced while the next one's backward runs
+// fetch_from_master: fp32 elements per host-to-device chunk before the conversion (64 MiB: large
+// enough that the conversion kernel between copies costs under 1% of the copy time).
+constexpr int64_t kFetchChunk = int64_t(16) << 20;
 
 using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
@@ -37,6 +40,10 @@ struct Sizes {
     }
   }
 };
+
+// Untied models: the head's gradient is complete (and reduced) long before the embedding's backward
+// starts, so both use one buffer. Tied ones: the lm_head gradient is the embedding's, open all along.
+bool shared_end_grads(const ParamTable& t) { return !t.tied(); }
 
 bool direct_grads(const ZeroEngineOptions& opt, int world) {
   // One rank, optimizer on the GPU: the model adds straight into the shard's accumulator.
@@ -71,15 +78,23 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
                 align_up(size_t(z.head) * cb);
   }
   if (!direct_grads(opt, world)) {
-    p.grads = kGradSlots * align_up(size_t(z.max_layer) * 4) + align_up(size_t(z.embed) * 4) +
-              align_up(size_t(z.head) * 4);
+    p.grads = kGradSlots * align_up(size_t(z.max_layer) * 4);
+    if (shared_end_grads(table)) p.grads += align_up(size_t(std::max(z.embed, z.head)) * 4);
+    else p.grads += align_up(size_t(z.embed) * 4) + align_up(size_t(z.head) * 4);
     if (world > 1) p.grads += align_up(size_t(z.max_piece) * 4);
   }
+  const bool host = opt.optimizer == OptimizerPlace::kHost;
+  const DType host_grad = host ? opt.host_grad_dtype : DType::F32;
+  if (host && host_grad == DType::BF16) p.grads += align_up(size_t(z.max_piece) * 2);
+  if (host && opt.fetch_from_master) p.weights += align_up(size_t(kFetchChunk) * 4);
   p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
   p.library = kLibraryAllowance + (world > 1 ? kNcclAllowance : 0);
-  p.host_state = HostArena::bytes_for(std::vector<size_t>(4, size_t(z.shard_len) * sizeof(float)));
-  if (opt.optimizer == OptimizerPlace::kHost)
-    p.host_pinned = round_up_to_pages(size_t(z.shard_len) * cb) + round_up_to_pages(size_t(z.max_piece) * 4);
+  p.host_state = ShardedTrainState::arena_bytes(z.shard_len, host_grad);
+  if (host) {
+    if (!opt.fetch_from_master) p.host_pinned += round_up_to_pages(size_t(z.shard_len) * cb);
+    p.host_pinned += round_up_to_pages(size_t(z.max_piece) * 4);  // staging of later micro-batches
+    if (opt.delayed_update) p.host_pinned += round_up_to_pages(size_t(z.shard_len) * dtype_size(host_grad));
+  }
   return p;
 }
 
@@ -96,6 +111,20 @@ void ZeroEngine::apply_placement(ZeroEngineOptions* opt, const std::string& offl
   else throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
   if (recompute == "auto" && double(plan(cfg, *opt, world).device_total()) > 0.95 * double(device_memory_info().free))
     opt->model.recompute = Recompute::kLayer;
+}
+
+void ZeroEngine::apply_host_state(ZeroEngineOptions* opt, const std::string& host_grad_dtype,
+                                  const std::string& host_weights) {
+  if (host_grad_dtype != "fp32" && host_grad_dtype != "bf16")
+    throw ConfigError("--host-grad-dtype: expected fp32 or bf16, got '" + host_grad_dtype + "'");
+  if (host_weights != "copy" && host_weights != "master")
+    throw ConfigError("--host-weights: expected copy or master, got '" + host_weights + "'");
+  const bool lean = host_grad_dtype != "fp32" || host_weights != "copy";
+  if (lean && opt->optimizer != OptimizerPlace::kHost)
+    throw ConfigError("--host-grad-dtype " + host_grad_dtype + " --host-weights " + host_weights +
+                      ": expected --offload optimizer or params (they shape the host optimizer state)");
+  opt->host_grad_dtype = host_grad_dtype == "bf16" ? DType::BF16 : DType::F32;
+  opt->fetch_from_master = host_weights == "master";
 }
 
 struct ZeroEngine::Block {
@@ -172,18 +201,29 @@ class ZeroEngine::Access final : public GpuParamAccess {
 
 // Own piece into place, then the owners' pieces gathered, on the fetch stream. The callers run the
 // block's pending CPU update first (kHost).
-static void copy_piece_and_gather(ZeroEngine::Block& b, uint16_t* dest, const uint16_t* host_compute,
-                                  const uint16_t* dev_compute_shard, DeviceComm* comm, cudaStream_t stream) {
+void ZeroEngine::gather_block(Block& b, uint16_t* dest) {
+  uint16_t* mine = dest + b.piece_offset;
   if (b.piece_len > 0) {
-    if (host_compute) {
-      CUDA_CHECK(cudaMemcpyAsync(dest + b.piece_offset, host_compute + b.shard_offset, size_t(b.piece_len) * 2,
-                                 cudaMemcpyHostToDevice, stream));
-    } else if (dev_compute_shard && dest + b.piece_offset != dev_compute_shard + b.shard_offset) {
-      CUDA_CHECK(cudaMemcpyAsync(dest + b.piece_offset, dev_compute_shard + b.shard_offset, size_t(b.piece_len) * 2,
-                                 cudaMemcpyDeviceToDevice, stream));
+    if (host_compute_) {
+      const auto* hc = static_cast<const uint16_t*>(host_compute_->get());
+      CUDA_CHECK(cudaMemcpyAsync(mine, hc + b.shard_offset, size_t(b.piece_len) * 2, cudaMemcpyHostToDevice,
+                                 fetch_stream_));
+    } else if (opt_.optimizer == OptimizerPlace::kHost) {
+      // fetch_from_master: fp32 chunks through the staging buffer, converted as the CPU would.
+      const float* master = state_.master() + b.shard_offset;
+      for (int64_t off = 0; off < b.piece_len; off += kFetchChunk) {
+        const int64_t n = std::min(kFetchChunk, b.piece_len - off);
+        CUDA_CHECK(cudaMemcpyAsync(d_fetch_staging_, master + off, size_t(n) * 4, cudaMemcpyHostToDevice,
+                                   fetch_stream_));
+        cuda::convert_f32(mine + off, opt_.model.compute_dtype, d_fetch_staging_, n, fetch_stream_);
+      }
+    } else if (d_compute_shard_ && mine != d_compute_shard_ + b.shard_offset) {
+      // kDevice + resident: the update wrote this rank's piece in place already (no copy then).
+      CUDA_CHECK(cudaMemcpyAsync(mine, d_compute_shard_ + b.shard_offset, size_t(b.piece_len) * 2,
+                                 cudaMemcpyDeviceToDevice, fetch_stream_));
     }
   }
-  if (comm && comm->size() > 1) comm->all_gather_v(dest, dest + b.piece_offset, b.counts, DType::BF16, stream);
+  if (fetch_comm_ && fetch_comm_->size() > 1) fetch_comm_->all_gather_v(dest, mine, b.counts, DType::BF16, fetch_stream_);
 }
 
 void ZeroEngine::fetch(int bi) {
@@ -193,9 +233,7 @@ void ZeroEngine::fetch(int bi) {
   const auto t0 = Clock::now();
   if (opt_.optimizer == OptimizerPlace::kHost) run_host_update(bi);
   timeline_.wait_weights += seconds_since(t0);
-  const uint16_t* hc = opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(host_compute_->get()) : nullptr;
-  // kDevice + resident: the update wrote this rank's piece in place already (no copy then).
-  copy_piece_and_gather(b, b.weights, hc, d_compute_shard_, fetch_comm_.get(), fetch_stream_);
+  gather_block(b, b.weights);
   CUDA_CHECK(cudaEventRecord(access_->block_ready[size_t(bi)], fetch_stream_));
   b.fetched_version = access_->version;
 }
@@ -215,9 +253,7 @@ int ZeroEngine::Access::fetch_into_slot(int block) {
   if (e_.opt_.optimizer == OptimizerPlace::kHost) e_.run_host_update(block);
   e_.timeline_.wait_weights += seconds_since(t0);
   CUDA_CHECK(cudaStreamWaitEvent(e_.fetch_stream_, ws.released, 0));  // the last user is done with it
-  const uint16_t* hc =
-      e_.opt_.optimizer == OptimizerPlace::kHost ? static_cast<uint16_t*>(e_.host_compute_->get()) : nullptr;
-  copy_piece_and_gather(b, ws.data, hc, e_.d_compute_shard_, e_.fetch_comm_.get(), e_.fetch_stream_);
+  e_.gather_block(b, ws.data);
   CUDA_CHECK(cudaEventRecord(ws.ready, e_.fetch_stream_));
   ws.block = block;
   ws.version = version;
@@ -310,9 +346,13 @@ void ZeroEngine::Access::grads_done(int block) {
                                               cudaMemcpyDeviceToDevice, gs));
         else cuda::accumulate_f32(e.d_grad_ + b.shard_offset, piece_dev, b.piece_len, gs);
       }
+    } else if (first && e.opt_.host_grad_dtype == DType::BF16) {
+      cuda::convert_f32(e.d_piece_bf16_, DType::BF16, piece_dev, b.piece_len, gs);
+      CUDA_CHECK(cudaMemcpyAsync(static_cast<uint16_t*>(e.host_grad()) + b.shard_offset, e.d_piece_bf16_,
+                                 size_t(b.piece_len) * 2, cudaMemcpyDeviceToHost, gs));
     } else if (first) {
-      CUDA_CHECK(cudaMemcpyAsync(e.host_grad() + b.shard_offset, piece_dev, size_t(b.piece_len) * 4,
-                                 cudaMemcpyDeviceToHost, gs));
+      CUDA_CHECK(cudaMemcpyAsync(static_cast<float*>(e.host_grad()) + b.shard_offset, piece_dev,
+                                 size_t(b.piece_len) * 4, cudaMemcpyDeviceToHost, gs));
     } else {
       // Later micro-batches: through the staging buffer, added on the CPU once the copy is done (the
       // previous block's addition is finished first: it used the same buffer).
@@ -324,13 +364,21 @@ void ZeroEngine::Access::grads_done(int block) {
       CUDA_CHECK(cudaMemcpyAsync(host_staging, piece_dev, size_t(b.piece_len) * 4, cudaMemcpyDeviceToHost, gs));
       cudaEvent_t copied = grads_done_ev[size_t(block)];  // reuse: recorded again below on gs
       CUDA_CHECK(cudaEventRecord(copied, gs));
-      float* acc = e.host_grad() + b.shard_offset;
-      const int64_t n = b.piece_len;
+      const int64_t n = b.piece_len, o = b.shard_offset;
       float* src = host_staging;
-      e.defer([copied, acc, src, n] {
-        CUDA_CHECK(cudaEventSynchronize(copied));
-        cpu::accumulate_f32(acc, src, n);
-      });
+      if (e.opt_.host_grad_dtype == DType::BF16) {
+        uint16_t* acc = static_cast<uint16_t*>(e.host_grad()) + o;
+        e.defer([copied, acc, src, n] {
+          CUDA_CHECK(cudaEventSynchronize(copied));
+          cpu::accumulate_bf16(acc, src, n);
+        });
+      } else {
+        float* acc = static_cast<float*>(e.host_grad()) + o;
+        e.defer([copied, acc, src, n] {
+          CUDA_CHECK(cudaEventSynchronize(copied));
+          cpu::accumulate_f32(acc, src, n);
+        });
+      }
     }
   }
   if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, gs));
@@ -350,6 +398,13 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
   if (opt.delayed_update && (opt.optimizer != OptimizerPlace::kHost || opt.weights != WeightPlace::kResident))
     throw ConfigError("--delayed-update: expected --offload optimizer with resident weights (it overlaps the CPU "
                       "update with the next step; streamed weights would read the host copy while it is rewritten)");
+  if (opt.host_grad_dtype != DType::F32 && opt.host_grad_dtype != DType::BF16)
+    throw ConfigError("--host-grad-dtype: expected fp32 or bf16, got " + std::string(dtype_name(opt.host_grad_dtype)));
+  if (opt.optimizer != OptimizerPlace::kHost && (opt.host_grad_dtype != DType::F32 || opt.fetch_from_master))
+    throw ConfigError("--host-grad-dtype bf16 / --host-weights master: expected --offload optimizer or params (they "
+                      "shape the host copy of the optimizer state)");
+  if (opt.optimizer == OptimizerPlace::kHost && state.grad_dtype() != opt.host_grad_dtype)
+    throw InternalError("ZeroEngine: the state's gradient dtype differs from host_grad_dtype");
   if (opt.grad_wire_dtype != DType::F32)
     throw ConfigError("--grad-reduce-dtype: only fp32 is implemented, got " + std::string(dtype_name(opt.grad_wire_dtype)));
   plan_ = plan(cfg, opt, world_);
@@ -422,15 +477,21 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
     }
   }
   const bool direct = direct_grads(opt, world_);
+  const bool shared_end = shared_end_grads(table);
   if (!direct) {
-    A.gslots.resize(kGradSlots);
-    for (GradSlot& gs : A.gslots) {
-      gs.data = arena_.take_n<float>(z.max_layer);
+    // Slots 0..kGradSlots-1 take the layers; one more, sized for the larger, the head and embedding.
+    A.gslots.resize(kGradSlots + (shared_end ? 1 : 0));
+    for (size_t i = 0; i < A.gslots.size(); ++i) {
+      GradSlot& gs = A.gslots[i];
+      gs.data = arena_.take_n<float>(i < kGradSlots ? z.max_layer : std::max(z.embed, z.head));
       CUDA_CHECK(cudaEventCreateWithFlags(&gs.consumed, cudaEventDisableTiming));
       CUDA_CHECK(cudaEventRecord(gs.consumed, grad_stream_));
     }
     if (world_ > 1) A.piece = arena_.take_n<float>(z.max_piece);
   }
+  if (opt.optimizer == OptimizerPlace::kHost && opt.host_grad_dtype == DType::BF16)
+    d_piece_bf16_ = arena_.take_n<uint16_t>(std::max<int64_t>(z.max_piece, 1));
+  if (opt.optimizer == OptimizerPlace::kHost && opt.fetch_from_master) d_fetch_staging_ = arena_.take_n<float>(kFetchChunk);
   for (int bi = 0; bi < table.num_blocks(); ++bi) {
     Block& b = blocks_[size_t(bi)];
     b.begin = table.block_begin(bi);
@@ -445,6 +506,7 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
     if (!b.streamed) b.weights = full ? full + b.begin : arena_.take_n<uint16_t>(b.len());
     if (!direct) {
       if (layer) b.grad_slot = bi % kGradSlots;
+      else if (shared_end) b.grad_slot = kGradSlots;
       else b.grad = arena_.take_n<float>(b.len());
     }
     if (opt.optimizer == OptimizerPlace::kHost && b.piece_len > 0)
@@ -465,18 +527,27 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
   rules_ = std::make_unique<AdamW>(my_ranges, z.shard_len, adamw);
 
   if (opt.optimizer == OptimizerPlace::kHost) {
-    // The gradient accumulator receives the device-to-host copies: page-lock it in place.
-    CUDA_CHECK(cudaHostRegister(state.grad_shard(), size_t(z.shard_len) * 4, cudaHostRegisterDefault));
-    registered_ = true;
-    host_compute_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * 2);
+    // The gradient accumulator receives the device-to-host copies (and with fetch_from_master the
+    // master feeds the host-to-device ones): page-lock them in place.
+    const size_t grad_bytes = dtype_size(opt.host_grad_dtype);
+    void* grad = opt.host_grad_dtype == DType::BF16 ? static_cast<void*>(state.grad_shard_bf16())
+                                                     : static_cast<void*>(state.grad_shard());
+    const auto lock = [this](void* p, size_t bytes) {
+      if (bytes == 0) return;
+      CUDA_CHECK(cudaHostRegister(p, bytes, cudaHostRegisterDefault));
+      registered_.push_back(p);
+    };
+    lock(grad, size_t(z.shard_len) * grad_bytes);
+    if (opt.fetch_from_master) lock(state.master(), size_t(z.shard_len) * 4);
+    else host_compute_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * 2);
     A.host_staging_holder = std::make_unique<PinnedBuffer>(size_t(std::max<int64_t>(z.max_piece, 1)) * 4);
     A.host_staging = static_cast<float*>(A.host_staging_holder->get());
-    host_grad_[0] = state.grad_shard();
+    host_grad_[0] = grad;
     host_grad_[1] = host_grad_[0];
     if (opt.delayed_update) {
       // Step t + 1's gradients arrive while step t's update still reads its own.
-      second_grad_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * 4);
-      host_grad_[1] = static_cast<float*>(second_grad_->get());
+      second_grad_ = std::make_unique<PinnedBuffer>(size_t(z.shard_len) * grad_bytes);
+      host_grad_[1] = second_grad_->get();
     }
   }
 
@@ -490,7 +561,7 @@ ZeroEngine::~ZeroEngine() {
   if (fetch_stream_) cudaStreamSynchronize(fetch_stream_);
   if (grad_stream_) cudaStreamSynchronize(grad_stream_);
   model_.reset();
-  if (registered_) cudaHostUnregister(state_.grad_shard());
+  for (void* p : registered_) cudaHostUnregister(p);
   if (access_) {
     for (cudaEvent_t e : access_->block_ready) cudaEventDestroy(e);
     for (cudaEvent_t e : access_->grads_done_ev) cudaEventDestroy(e);
@@ -526,12 +597,18 @@ void ZeroEngine::apply_host_update(int bi) {
   const auto t0 = Clock::now();
   if (b.adamw) {
     const int64_t o = b.shard_offset;
-    auto* hc = static_cast<uint16_t*>(host_compute_->get());
-    AdamWBuffers buf{state_.master() + o, state_.exp_avg() + o, state_.exp_avg_sq() + o, pending_.grad + o, hc + o,
+    AdamWBuffers buf{state_.master() + o, state_.exp_avg() + o, state_.exp_avg_sq() + o, nullptr, nullptr,
                      opt_.model.compute_dtype};
+    set_grad(&buf, pending_.grad, o);
+    if (host_compute_) buf.compute = static_cast<uint16_t*>(host_compute_->get()) + o;
     b.adamw->update(buf, pending_.step, pending_.lr, pending_.grad_coef);
   }
   timeline_.cpu_optimizer += seconds_since(t0);
+}
+
+void ZeroEngine::set_grad(AdamWBuffers* b, const void* grad, int64_t offset) const {
+  if (opt_.host_grad_dtype == DType::BF16) b->grad_bf16 = static_cast<const uint16_t*>(grad) + offset;
+  else b->grad = static_cast<const float*>(grad) + offset;
 }
 
 void ZeroEngine::run_host_update(int bi) {
@@ -569,7 +646,7 @@ void ZeroEngine::state_changed() {
   const int64_t n = state_.shard_len();
   ++access_->version;
   if (opt_.optimizer == OptimizerPlace::kHost) {
-    convert_from_f32(host_compute_->get(), state_.master(), opt_.model.compute_dtype, size_t(n));
+    if (host_compute_) convert_from_f32(host_compute_->get(), state_.master(), opt_.model.compute_dtype, size_t(n));
     for (Block& b : blocks_) b.host_version = access_->version;
   } else {
     const size_t bytes = size_t(n) * 4;
@@ -662,7 +739,8 @@ GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches
   double norm_sq = 0;
   finish_host_updates();  // a block the forward never fetched (none today) still gets its last update
   if (opt_.optimizer == OptimizerPlace::kHost) {
-    norm_sq = rules_->grad_norm_sq(host_grad());
+    norm_sq = opt_.host_grad_dtype == DType::BF16 ? rules_->grad_norm_sq(static_cast<const uint16_t*>(host_grad()))
+                                                  : rules_->grad_norm_sq(static_cast<const float*>(host_grad()));
     state_.comm().all_reduce_sum(&norm_sq, 1);
     nonfinite = !std::isfinite(norm_sq);
   } else {

@@ -57,6 +57,16 @@ struct ZeroEngineOptions {
   WeightPlace weights = WeightPlace::kResident;
   DType grad_wire_dtype = DType::F32;  // reduce-scatter dtype (F32 or BF16); world size 1: unused
   bool delayed_update = false;         // kHost + kResident only: see the header comment
+  // Lean host state (kHost), for models whose fp32 state nearly fills the host (8B on one GPU:
+  // 16 B/param of fp32 state + 2 of compute copy = 144 GB > 128 GiB):
+  //   host_grad_dtype BF16   the host gradient accumulator in bf16 (the state must be built with it):
+  //                          half the gradient bytes over PCIe and in memory; AdamW widens them back
+  //                          (exact), so the update is the fp32 one of bf16-rounded gradients.
+  //   fetch_from_master      no compute-dtype copy of the shard on the host: fetches copy the fp32
+  //                          master (page-locked in place) in chunks and convert it on the GPU --
+  //                          bit-identical weights, twice the fetch bytes.
+  DType host_grad_dtype = DType::F32;
+  bool fetch_from_master = false;
   double initial_loss_scale = 65536.0;
   int64_t loss_scale_window = 2000;
 };
@@ -98,6 +108,11 @@ class ZeroEngine {
   static void apply_placement(ZeroEngineOptions* opt, const std::string& offload, const std::string& weights,
                               const std::string& recompute, const LlamaConfig& cfg, int world);
 
+  // --host-grad-dtype (fp32 | bf16) and --host-weights (copy | master) into opt (ConfigError for
+  // other values, or for non-default ones without host offload).
+  static void apply_host_state(ZeroEngineOptions* opt, const std::string& host_grad_dtype,
+                               const std::string& host_weights);
+
   // state: this rank's shard (already holding the initial or resumed weights). Throws ConfigError
   // with the plan's numbers when the device memory does not suffice.
   ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw, const ZeroEngineOptions& opt,
@@ -137,9 +152,14 @@ class ZeroEngine {
   void run_host_update(int block);
   void finish_host_updates();
   void run_delayed_update();
-  float* host_grad() const { return host_grad_[cur_grad_]; }
+  void* host_grad() const { return host_grad_[cur_grad_]; }  // F32 or BF16 (opt_.host_grad_dtype)
+  // AdamW's gradient fields for the host gradient buffer `grad` at element offset `offset`.
+  void set_grad(AdamWBuffers* b, const void* grad, int64_t offset) const;
 
   void fetch(int block);  // a resident block's weights after an update
+  // The block's weights into dest (the block's full range): this rank's piece from the host copy,
+  // the host master or the device shard, then the owners' pieces gathered; on the fetch stream.
+  void gather_block(Block& b, uint16_t* dest);
   void host_update(int64_t step, double lr, float grad_coef);
   void device_update(int64_t step, double lr, float grad_coef);
   double grad_norm_sq_device(bool* nonfinite);
@@ -157,8 +177,10 @@ class ZeroEngine {
   std::unique_ptr<LlamaGpu> model_;
   std::unique_ptr<Access> access_;
   // Host side (kHost): the compute-dtype shard, page-locked.
-  std::unique_ptr<PinnedBuffer> host_compute_;
-  bool registered_ = false;
+  std::unique_ptr<PinnedBuffer> host_compute_;  // null with fetch_from_master
+  std::vector<void*> registered_;               // host ranges page-locked in place
+  float* d_fetch_staging_ = nullptr;            // fetch_from_master: fp32 chunk before conversion
+  uint16_t* d_piece_bf16_ = nullptr;            // BF16 host gradients: the piece converted before D2H
   // Device side (kDevice): the shard's state.
   float *d_master_ = nullptr, *d_exp_avg_ = nullptr, *d_exp_avg_sq_ = nullptr, *d_grad_ = nullptr;
   uint16_t* d_compute_shard_ = nullptr;
@@ -179,10 +201,10 @@ class ZeroEngine {
     int64_t step = 0;
     double lr = 0;
     float grad_coef = 1;
-    const float* grad = nullptr;  // the host gradient buffer it reads
+    const void* grad = nullptr;  // the host gradient buffer it reads
   } pending_;
   bool delayed_pending_ = false;
-  float* host_grad_[2] = {nullptr, nullptr};  // the state's accumulator, and a second one (delayed update)
+  void* host_grad_[2] = {nullptr, nullptr};  // the state's accumulator, and a second one (delayed update)
   int cur_grad_ = 0;
   std::unique_ptr<PinnedBuffer> second_grad_;
 };

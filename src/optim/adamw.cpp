@@ -282,22 +282,34 @@ void AdamW::set_config(const AdamWConfig& cfg) {
 void AdamW::check_buffers(const AdamWBuffers& b) const {
   if (!Kokkos::is_initialized())
     throw InternalError("AdamW: Kokkos is not initialized (create a KokkosScope first)");
-  LT_CHECK(b.master && b.exp_avg && b.exp_avg_sq && b.grad, "AdamW: missing buffer");
+  LT_CHECK(b.master && b.exp_avg && b.exp_avg_sq && (b.grad != nullptr) != (b.grad_bf16 != nullptr),
+           "AdamW: missing buffer (or both an fp32 and a bf16 gradient)");
   LT_CHECK(!b.compute || b.compute_dtype == DType::BF16 || b.compute_dtype == DType::F16,
            "AdamW: the compute copy must be BF16 or F16");
 }
 
 namespace {
 
+// A block of bf16 gradient widened to fp32 (exact), so the fp32 span kernels serve both.
+LT_INLINE const float* widen_bf16(const uint16_t* g, int64_t n, float* tmp) {
+  for (int64_t i = 0; i < n; ++i) tmp[i] = bf16_to_float(g[i]);
+  return tmp;
+}
+
 template <class Exec>
-void run_sumsq(const std::vector<AdamW::Block>& blocks, const float* grad, int64_t length, double* partial,
-               SumsqFn fn) {
+void run_sumsq(const std::vector<AdamW::Block>& blocks, const float* grad, const uint16_t* grad_bf16, int64_t length,
+               double* partial, SumsqFn fn) {
   const HostArray<const AdamW::Block> blk(blocks.data(), blocks.size());
-  const HostConstF32 g(grad, size_t(length));
+  const HostConstF32 g(grad, grad ? size_t(length) : 0);
+  const HostArray<const uint16_t> g16(grad_bf16, grad_bf16 ? size_t(length) : 0);
   const HostF64 part(partial, blocks.size());
   Kokkos::parallel_for(
-      "AdamW::grad_norm_sq", HostRange<Exec>(0, int64_t(blocks.size())),
-      KOKKOS_LAMBDA(int64_t k) { part(k) = fn(g.data() + blk(k).begin, blk(k).count); });
+      "AdamW::grad_norm_sq", HostRange<Exec>(0, int64_t(blocks.size())), KOKKOS_LAMBDA(int64_t k) {
+        alignas(64) float tmp[AdamW::kBlock];
+        const AdamW::Block bk = blk(k);
+        const float* gp = g16.data() ? widen_bf16(g16.data() + bk.begin, bk.count, tmp) : g.data() + bk.begin;
+        part(k) = fn(gp, bk.count);
+      });
   Kokkos::fence();
 }
 
@@ -307,14 +319,17 @@ void run_update(const std::vector<AdamW::Block>& blocks, const AdamWBuffers& b, 
   const size_t n = size_t(length);
   const HostArray<const AdamW::Block> blk(blocks.data(), blocks.size());
   const HostF32 p(b.master, n), m(b.exp_avg, n), v(b.exp_avg_sq, n);
-  const HostConstF32 g(b.grad, n);
+  const HostConstF32 g(b.grad, b.grad ? n : 0);
+  const HostArray<const uint16_t> g16(b.grad_bf16, b.grad_bf16 ? n : 0);
   const HostU16 out(b.compute, b.compute ? n : 0);
   Kokkos::parallel_for(
       "AdamW::step", HostRange<Exec>(0, int64_t(blocks.size())), KOKKOS_LAMBDA(int64_t k) {
+        alignas(64) float tmp[AdamW::kBlock];
         const AdamW::Block bk = blk(k);
         StepCoef c = coef;
         if (bk.decay) c.wdf = wdf_decay;
-        const Span s{p.data() + bk.begin, m.data() + bk.begin, v.data() + bk.begin, g.data() + bk.begin,
+        const float* gp = g16.data() ? widen_bf16(g16.data() + bk.begin, bk.count, tmp) : g.data() + bk.begin;
+        const Span s{p.data() + bk.begin, m.data() + bk.begin, v.data() + bk.begin, gp,
                      out.data() ? out.data() + bk.begin : nullptr, bk.count};
         fn(s, c);
       });
@@ -325,8 +340,11 @@ template <class Exec>
 void run_first_touch(const std::vector<AdamW::Block>& blocks, const AdamWBuffers& b) {
   const HostArray<const AdamW::Block> blk(blocks.data(), blocks.size());
   const uintptr_t ps = uintptr_t(sysconf(_SC_PAGESIZE) > 0 ? sysconf(_SC_PAGESIZE) : 4096);
-  void* const arrays[5] = {b.master, b.exp_avg, b.exp_avg_sq, const_cast<float*>(b.grad), b.compute};
-  const size_t elem[5] = {4, 4, 4, 4, 2};
+  void* const arrays[5] = {b.master, b.exp_avg, b.exp_avg_sq,
+                           b.grad ? static_cast<void*>(const_cast<float*>(b.grad))
+                                  : static_cast<void*>(const_cast<uint16_t*>(b.grad_bf16)),
+                           b.compute};
+  const size_t elem[5] = {4, 4, 4, size_t(b.grad ? 4 : 2), 2};
   Kokkos::parallel_for(
       "AdamW::first_touch", HostRange<Exec>(0, int64_t(blocks.size())), KOKKOS_LAMBDA(int64_t k) {
         for (int a = 0; a < 5; ++a) {
@@ -344,13 +362,16 @@ void run_first_touch(const std::vector<AdamW::Block>& blocks, const AdamWBuffers
 
 }  // namespace
 
-double AdamW::grad_norm_sq(const float* grad) const {
+double AdamW::grad_norm_sq(const float* grad) const { return grad_norm_sq_impl(grad, nullptr); }
+double AdamW::grad_norm_sq(const uint16_t* grad_bf16) const { return grad_norm_sq_impl(nullptr, grad_bf16); }
+
+double AdamW::grad_norm_sq_impl(const float* grad, const uint16_t* grad_bf16) const {
   if (!Kokkos::is_initialized())
     throw InternalError("AdamW: Kokkos is not initialized (create a KokkosScope first)");
-  LT_CHECK(grad, "AdamW::grad_norm_sq: null gradient");
+  LT_CHECK(grad || grad_bf16, "AdamW::grad_norm_sq: null gradient");
   const SumsqFn fn = kernels_for(simd_).sumsq;
-  if (serial_) run_sumsq<HostSerial>(blocks_, grad, length_, partial_.data(), fn);
-  else run_sumsq<HostExec>(blocks_, grad, length_, partial_.data(), fn);
+  if (serial_) run_sumsq<HostSerial>(blocks_, grad, grad_bf16, length_, partial_.data(), fn);
+  else run_sumsq<HostExec>(blocks_, grad, grad_bf16, length_, partial_.data(), fn);
   double s = 0.0;
   for (double x : partial_) s += x;  // block order: independent of the thread count
   return s;
@@ -406,7 +427,7 @@ AdamWStepInfo AdamW::step(const AdamWBuffers& b, int64_t step, double lr) const 
   check_buffers(b);
   AdamWStepInfo info;
   info.lr = lr;
-  info.grad_norm = std::sqrt(grad_norm_sq(b.grad));
+  info.grad_norm = std::sqrt(b.grad ? grad_norm_sq(b.grad) : grad_norm_sq(b.grad_bf16));
   info.clip_coef = clip_coefficient(info.grad_norm);
   update(b, step, lr, info.clip_coef);
   return info;

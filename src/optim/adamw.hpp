@@ -67,6 +67,10 @@ struct AdamWBuffers {
   const float* grad = nullptr;  // fp32 gradient, read only (the clip coefficient is applied on the fly)
   uint16_t* compute = nullptr;  // optional: receives compute_dtype(master) after the update
   DType compute_dtype = DType::BF16;  // BF16 or F16
+  // Or a bf16 gradient (ZeRO-Offload with bf16 host gradients: 2 bytes per parameter less host
+  // memory); exactly one of grad / grad_bf16. Each block is widened to fp32 (exact) before the same
+  // math, so the update equals the fp32 one on the widened values bit for bit.
+  const uint16_t* grad_bf16 = nullptr;
 };
 
 // The fp32 scalars of one update (optimizer step `step` >= 1, learning rate `lr`), each rounded
@@ -124,6 +128,7 @@ class AdamW {
 
   // Sum of g^2 over the ranges, in double (a rank's share of the squared global norm).
   double grad_norm_sq(const float* grad) const;
+  double grad_norm_sq(const uint16_t* grad_bf16) const;  // the same sum over widened bf16 values
   // min(clip / (total_norm + 1e-6), 1) in fp32 as clip_grad_norm_ computes it; 1 when clip <= 0.
   float clip_coefficient(double total_norm) const;
   // One AdamW update with optimizer step number `step` (>= 1) and learning rate `lr`; the gradient
@@ -145,6 +150,7 @@ class AdamW {
 
  private:
   void check_buffers(const AdamWBuffers& b) const;
+  double grad_norm_sq_impl(const float* grad, const uint16_t* grad_bf16) const;
   AdamWConfig cfg_;
   std::vector<OptimRange> ranges_;
   int64_t length_ = 0, trained_ = 0;

@@ -61,6 +61,8 @@ struct DeviceEngineOptions {
   std::string weights = "resident";  // resident | streamed
   bool delayed_update = false;      // offload optimizer only
   int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
+  std::string host_grad_dtype = "fp32";  // offload only: fp32 | bf16
+  std::string host_weights = "copy";     // offload only: copy | master
   int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
   AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)
 };

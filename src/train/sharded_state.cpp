@@ -19,25 +19,35 @@ std::vector<int64_t> ShardLayout::counts(int64_t lo, int64_t hi) const {
   return c;
 }
 
+size_t ShardedTrainState::arena_bytes(int64_t shard_len, DType grad_dtype) {
+  const size_t n = size_t(shard_len);
+  return HostArena::bytes_for({n * 4, n * 4, n * 4, n * dtype_size(grad_dtype)});
+}
+
 ShardedTrainState::ShardedTrainState(const ParamTable& table, Comm& comm, const AdamWConfig& adamw,
-                                     const NumaPlacement& placement)
+                                     const NumaPlacement& placement, DType grad_dtype)
     : table_(table),
       comm_(comm),
       layout_(table.total_elements(), comm.size()),
-      arena_(HostArena::bytes_for(std::vector<size_t>(4, size_t(layout_.shard_len) * sizeof(float))), placement),
+      arena_(arena_bytes(layout_.shard_len, grad_dtype), placement),
       master_(arena_.carve<float>(size_t(layout_.shard_len))),
       exp_avg_(arena_.carve<float>(size_t(layout_.shard_len))),
       exp_avg_sq_(arena_.carve<float>(size_t(layout_.shard_len))),
-      grad_(arena_.carve<float>(size_t(layout_.shard_len))),
+      grad_(grad_dtype == DType::F32 ? arena_.carve<float>(size_t(layout_.shard_len)) : nullptr),
+      grad_bf16_(grad_dtype == DType::BF16 ? arena_.carve<uint16_t>(size_t(layout_.shard_len)) : nullptr),
       adamw_(shard_ranges(optim_ranges(table), layout_.begin(comm.rank()), layout_.end(comm.rank())),
              layout_.shard_len, adamw),
       blocks_(size_t(table.num_blocks())) {
+  if (grad_dtype != DType::F32 && grad_dtype != DType::BF16)
+    throw ConfigError("host gradient dtype: expected fp32 or bf16, got " + std::string(dtype_name(grad_dtype)));
   // First touch with the optimizer's own thread split, so each page lands where its updater runs.
-  adamw_.first_touch(AdamWBuffers{master_, exp_avg_, exp_avg_sq_, grad_, nullptr, DType::BF16});
+  AdamWBuffers touch{master_, exp_avg_, exp_avg_sq_, grad_, nullptr, DType::BF16};
+  touch.grad_bf16 = grad_bf16_;
+  adamw_.first_touch(touch);
   std::fill_n(master_, layout_.shard_len, 0.0f);
   std::fill_n(exp_avg_, layout_.shard_len, 0.0f);
   std::fill_n(exp_avg_sq_, layout_.shard_len, 0.0f);
-  std::fill_n(grad_, layout_.shard_len, 0.0f);
+  zero_grads();
 }
 
 void ShardedTrainState::load_full(const float* flat) {
@@ -53,9 +63,13 @@ std::vector<float> ShardedTrainState::gather_full() {
   return full;
 }
 
-void ShardedTrainState::zero_grads() { std::fill_n(grad_, layout_.shard_len, 0.0f); }
+void ShardedTrainState::zero_grads() {
+  if (grad_) std::fill_n(grad_, layout_.shard_len, 0.0f);
+  else std::fill_n(grad_bf16_, layout_.shard_len, uint16_t(0));
+}
 
 AdamWStepInfo ShardedTrainState::optimizer_step(int64_t step, double lr) {
+  LT_CHECK(grad_, "ShardedTrainState: the CPU optimizer step needs fp32 gradients");
   double norm_sq = adamw_.grad_norm_sq(grad_);
   comm_.all_reduce_sum(&norm_sq, 1);
   AdamWStepInfo info;
@@ -91,6 +105,7 @@ const float* ShardedTrainState::weight(size_t entry) {
 }
 
 float* ShardedTrainState::grad(size_t entry) {
+  LT_CHECK(grad_, "ShardedTrainState: the CPU engine needs fp32 gradients");
   const int b = table_.block_of(entry);
   BlockBuffers& bb = blocks_[size_t(b)];
   if (bb.grads.empty()) bb.grads.assign(size_t(table_.block_end(b) - table_.block_begin(b)), 0.0f);

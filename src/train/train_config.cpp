@@ -34,7 +34,8 @@ const std::map<std::string, std::string>& option_sections() {
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
       {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
       {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
-      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},
+      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},    {"host-grad-dtype", "gpu"},
+      {"host-weights", "gpu"},
   };
   return sections;
 }
@@ -82,7 +83,9 @@ po::options_description make_description(TrainConfig* c) {
       ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
       ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
       ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
-      ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)");
+      ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)")
+      ("host-grad-dtype", po::value(&c->host_grad_dtype), "[gpu] with --offload: the host gradient accumulator, fp32 (default) or bf16 (2 bytes per parameter less host memory and PCIe traffic; the update uses bf16-rounded gradients)")
+      ("host-weights", po::value(&c->host_weights), "[gpu] with --offload: copy (default: a compute-dtype copy of the shard in pinned host memory feeds the GPU) or master (no copy: the fp32 master is fetched and converted on the GPU, 2 bytes per parameter less host memory, twice the fetch bytes)");
   return desc;
 }
 
@@ -210,6 +213,12 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
           "none, optimizer or params", "'" + c.offload + "'");
   require(c.weights == "resident" || c.weights == "streamed", "weights", "resident or streamed", "'" + c.weights + "'");
   if (!c.gpu_mem_limit.empty()) parse_byte_size(c.gpu_mem_limit, "gpu-mem-limit");
+  require(c.host_grad_dtype == "fp32" || c.host_grad_dtype == "bf16", "host-grad-dtype", "fp32 or bf16",
+          "'" + c.host_grad_dtype + "'");
+  require(c.host_weights == "copy" || c.host_weights == "master", "host-weights", "copy or master",
+          "'" + c.host_weights + "'");
+  require(c.offload != "none" || (c.host_grad_dtype == "fp32" && c.host_weights == "copy"), "host-grad-dtype",
+          "--offload optimizer or params with --host-grad-dtype bf16 or --host-weights master", "--offload none");
   require(!c.delayed_update || (c.offload == "optimizer" && c.weights == "resident"), "delayed-update",
           "--offload optimizer with --weights resident", "--offload " + c.offload + " --weights " + c.weights);
   *out = c;
@@ -263,6 +272,7 @@ std::string to_ini(const TrainConfig& c) {
     << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights
     << "\ndelayed-update = " << (c.delayed_update ? "true" : "false") << "\n";
   if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
+  s << "host-grad-dtype = " << c.host_grad_dtype << "\nhost-weights = " << c.host_weights << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();
 }

@@ -157,7 +157,10 @@ void Trainer::Impl::setup() {
   comm.barrier();
 
   // ---- this rank's shard of the state, and the initial weights ----
-  state = std::make_unique<ShardedTrainState>(*table, comm, cfg.adamw);
+  // bf16 host gradients (GPU offload) shrink the state's gradient array; nothing else reads it.
+  const bool bf16_host_grads = cfg.device == "cuda" && cfg.offload != "none" && cfg.host_grad_dtype == "bf16";
+  state = std::make_unique<ShardedTrainState>(*table, comm, cfg.adamw, NumaPlacement{},
+                                              bf16_host_grads ? DType::BF16 : DType::F32);
   {
     // Every rank reads the full initial weights once and keeps its slice (CPU engine: models
     // small enough for that; the GPU engine streams them).
