@@ -13,6 +13,8 @@ DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
   o.offload = cfg.offload;
   o.weights = cfg.weights;
   o.delayed_update = cfg.delayed_update;
+  o.offload_activations = cfg.offload_activations;
+  o.mlp_chunk = cfg.mlp_chunk;
   if (!cfg.gpu_mem_limit.empty()) o.gpu_mem_limit = parse_byte_size(cfg.gpu_mem_limit, "gpu-mem-limit");
   o.max_tokens = cfg.seq_len * cfg.micro_batch;
   o.adamw = cfg.adamw;

@@ -61,6 +61,8 @@ struct DeviceEngineOptions {
   std::string weights = "resident";  // resident | streamed
   bool delayed_update = false;      // offload optimizer only
   int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
+  bool offload_activations = false; // layer inputs in pinned host memory (recompute layer; auto drops it with none)
+  int64_t mlp_chunk = 0;           // tokens per MLP tile (recompute layer; 0: one tile)
   int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
   AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)
 };

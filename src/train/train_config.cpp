@@ -34,7 +34,8 @@ const std::map<std::string, std::string>& option_sections() {
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
       {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
       {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
-      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},
+      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},    {"offload-activations", "gpu"},
+      {"mlp-chunk", "gpu"},
   };
   return sections;
 }
@@ -82,7 +83,9 @@ po::options_description make_description(TrainConfig* c) {
       ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
       ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
       ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
-      ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)");
+      ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)")
+      ("offload-activations", po::value(&c->offload_activations), "[gpu] with --recompute layer or auto: keep the layers' saved inputs in pinned host memory, copied out in forward and prefetched in backward behind the compute (same results; true/false, default false; auto drops it when nothing is recomputed)")
+      ("mlp-chunk", po::value(&c->mlp_chunk), "[gpu] with --recompute layer or auto: run the MLP over tiles of this many tokens, so its intermediates do not grow with the sequence (0: one tile, the default; e.g. 4096)");
   return desc;
 }
 
@@ -212,6 +215,10 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   if (!c.gpu_mem_limit.empty()) parse_byte_size(c.gpu_mem_limit, "gpu-mem-limit");
   require(!c.delayed_update || (c.offload == "optimizer" && c.weights == "resident"), "delayed-update",
           "--offload optimizer with --weights resident", "--offload " + c.offload + " --weights " + c.weights);
+  require(c.mlp_chunk >= 0, "mlp-chunk", "a token count >= 0 (0: no tiling)", std::to_string(c.mlp_chunk));
+  // The layer inputs are what it moves to the host: without recomputation there are none to move.
+  require(!c.offload_activations || c.recompute != "none", "offload-activations", "--recompute layer or auto",
+          "--recompute none");
   *out = c;
   return true;
 }
@@ -261,7 +268,9 @@ std::string to_ini(const TrainConfig& c) {
   s << "\n[gpu]\n";
   s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\nattention = "
     << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights
-    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false") << "\n";
+    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false")
+    << "\noffload-activations = " << (c.offload_activations ? "true" : "false") << "\nmlp-chunk = " << c.mlp_chunk
+    << "\n";
   if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();

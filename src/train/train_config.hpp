@@ -47,6 +47,8 @@ struct TrainConfig {
   std::string weights = "resident"; // resident (every GPU holds all compute weights) | streamed (per block, ZeRO-3)
   bool delayed_update = false;    // offload optimizer: overlap step t's CPU update with step t + 1 (one step stale)
   std::string gpu_mem_limit;      // e.g. 16GiB: cap the device memory this rank may use (emulates a smaller GPU)
+  bool offload_activations = false; // recompute layer/auto: the saved layer inputs in pinned host memory
+  int64_t mlp_chunk = 0;          // recompute layer/auto: tokens per MLP tile (0: the whole micro-batch)
 
   bool builtin_model() const { return model_dir.empty(); }
   bool builtin_data() const { return data.empty(); }
