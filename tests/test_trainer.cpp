@@ -159,14 +159,21 @@ TEST(TrainConfigParse, ConfigFileCommandLineOverridesAndErrors) {
   EXPECT_NE(parse_error({"--data", "x.h5"}).find("--model-dir"), std::string::npos);
   EXPECT_NE(parse_error({"--model-dir", "m"}).find("--steps"), std::string::npos);
   EXPECT_NE(parse_error({"--config", (d.path / "missing.cfg").string()}).find("missing.cfg"), std::string::npos);
+  EXPECT_NE(parse_error({"--mlp-chunk", "-1"}).find("--mlp-chunk: expected a token count >= 0"), std::string::npos);
+  EXPECT_NE(parse_error({"--offload-activations", "true", "--recompute", "none"})
+                .find("--offload-activations: expected --recompute layer or auto, got --recompute none"),
+            std::string::npos);
 }
 
 TEST(TrainConfigParse, ResolvedIniParsesBackToTheSameConfig) {
   TempDir d;
-  const TrainConfig c = parse({"--seq-len", "200", "--lr", "0.0007", "--shuffle", "false", "--steps", "9"});
+  const TrainConfig c = parse({"--seq-len", "200", "--lr", "0.0007", "--shuffle", "false", "--steps", "9",
+                               "--offload-activations", "true", "--mlp-chunk", "4096"});
   std::ofstream(d.path / "resolved.cfg") << to_ini(c);
   const TrainConfig back = parse({"--config", (d.path / "resolved.cfg").string()});
   EXPECT_EQ(to_ini(back), to_ini(c));
+  EXPECT_TRUE(back.offload_activations);
+  EXPECT_EQ(back.mlp_chunk, 4096);
 }
 
 TEST(Export, WritesTheCheckpointAsHfSafetensorsAndNeverOverwrites) {

@@ -80,6 +80,20 @@ PackedBatch random_batch(const LlamaConfig& cfg, int64_t seq, int rank) {
   return b;
 }
 
+// Tokens per MLP tile as the model runs it (0: one tile; recompute none never tiles).
+int64_t effective_mlp_chunk(const gpu::GpuModelOptions& m) {
+  return m.recompute == gpu::Recompute::kLayer ? m.mlp_chunk : 0;
+}
+
+// ", activations to host, MLP tiles of N" as the options apply (nothing with recompute none).
+std::string activation_options_text(const gpu::GpuModelOptions& m) {
+  if (m.recompute == gpu::Recompute::kNone) return "";
+  std::string s;
+  if (m.offload_activations) s += ", activations to host";
+  if (effective_mlp_chunk(m) > 0) s += ", MLP tiles of " + std::to_string(m.mlp_chunk);
+  return s;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -91,7 +105,8 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                             int64_t seq, int64_t steps, int64_t warmup, const std::string& dtype,
                             const std::string& recompute, const std::string& attention, bool nondet,
                             const std::string& offload, const std::string& weights, const std::string& mem_limit,
-                            int threads, bool delayed, const std::string& host_grad, const std::string& host_weights) {
+                            int threads, bool delayed, const std::string& host_grad, const std::string& host_weights,
+                            bool offload_activations, int64_t mlp_chunk) {
   const bool root = comm.rank() == 0;
   const int count = cuda::device_count();
   if (comm.local_size() > count)
@@ -108,17 +123,20 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   opt.model.nondeterministic_attention = nondet;
   opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
   opt.delayed_update = delayed;
+  opt.model.offload_activations = offload_activations;
+  opt.model.mlp_chunk = mlp_chunk;
   gpu::ZeroEngine::apply_placement(&opt, offload, weights, recompute, cfg, comm.size());
   gpu::ZeroEngine::apply_host_state(&opt, host_grad, host_weights);
   const gpu::ZeroMemoryPlan plan = gpu::ZeroEngine::plan(cfg, opt, comm.size());
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.local_rank() % count));
   if (root) {
-    std::printf("[bench] %s x %d rank%s | %s shape: %.3f B parameters | seq %lld per rank | %s | recompute %s | "
+    std::printf("[bench] %s x %d rank%s | %s shape: %.3f B parameters | seq %lld per rank | %s | recompute %s%s | "
                 "offload %s | weights %s%s%s\n",
                 prop.name, comm.size(), comm.size() == 1 ? "" : "s", model.c_str(), double(table.num_parameters()) / 1e9,
                 (long long)seq, dtype.c_str(), opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
-                offload.c_str(), opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed",
+                activation_options_text(opt.model).c_str(), offload.c_str(),
+                opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed",
                 mem_limit.empty() ? "" : " | gpu-mem-limit ", mem_limit.c_str());
     std::printf("[bench] memory plan per rank: %s\n", plan.describe().c_str());
   }
@@ -166,7 +184,8 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 "\"tokens_per_s\":%.1f,\"tokens_per_s_per_gpu\":%.1f,\"mfu_vs_790\":%.3f,\"peak_gib\":%.2f,"
                 "\"planned_device_gib\":%.2f,\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_weights_s\":%.4f,"
                 "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"host_grad_dtype\":\"%s\",\"host_weights\":\"%s\",\"reduce_scatter_s\":%.4f,\"reduce_scatter_algbw_gbps\":%.1f,"
-                "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"loss\":%.4f}\n",
+                "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"offload_activations\":%s,\"mlp_chunk\":%lld,"
+                "\"planned_host_pinned_gib\":%.2f,\"loss\":%.4f}\n",
                 model.c_str(), (long long)seq, offload == "none" ? "gpu" : "offload", comm.size(), dtype.c_str(),
                 opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
                 opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed", mem_limit.c_str(), step_s, tps,
@@ -175,7 +194,8 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 median(from(wait_w)), median(from(wait_g)), delayed ? "true" : "false", host_grad.c_str(),
                 host_weights.c_str(), median(from(comm_s)),
                 algbw, algbw * double(comm.size() - 1) / double(comm.size()), double(numa.total()) / double(1ull << 30),
-                loss.mean());
+                opt.model.offload_activations ? "true" : "false", (long long)effective_mlp_chunk(opt.model),
+                double(plan.host_pinned) / double(1ull << 30), loss.mean());
     std::printf("[RESULT] peak VRAM per GPU: %.2f GiB (planned %.2f GiB)\n", peak[0],
                 double(plan.device_total()) / double(1ull << 30));
     std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, times.size() - size_t(warmup));
@@ -193,8 +213,9 @@ int run_bench_train(int argc, char** argv) {
   std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto", offload = "none",
               weights = "resident", mem_limit, host_grad = "fp32", host_weights = "copy";
   int64_t seq = 16384, steps = 5, warmup = 2;
+  int64_t mlp_chunk = 0;
   int threads = 0;
-  bool nondet = false, delayed = false;
+  bool nondet = false, delayed = false, offload_activations = false;
   po::options_description desc("longtune bench train: single-GPU training step on a Llama shape (random weights)");
   desc.add_options()("help,h", "this text")
       ("model", po::value(&model)->default_value(model), "1b | 3b | 8b (Llama 3.x shapes) or a model directory")
@@ -211,6 +232,9 @@ int run_bench_train(int argc, char** argv) {
       ("weights", po::value(&weights)->default_value(weights), "resident | streamed (per layer, ZeRO-3)")
       ("gpu-mem-limit", po::value(&mem_limit), "cap this rank's device memory, e.g. 16GiB")
       ("delayed-update", po::bool_switch(&delayed), "--offload optimizer: overlap the CPU update with the next step (DPU)")
+      ("offload-activations", po::bool_switch(&offload_activations),
+       "recompute layer/auto: the saved layer inputs in pinned host memory (auto drops it when it keeps everything)")
+      ("mlp-chunk", po::value(&mlp_chunk)->default_value(mlp_chunk), "recompute layer/auto: tokens per MLP tile (0: one tile)")
       ("threads", po::value(&threads)->default_value(threads), "host threads for the CPU optimizer (0: all)")
       ("host-grad-dtype", po::value(&host_grad)->default_value(host_grad), "--offload: host gradients fp32 | bf16")
       ("host-weights", po::value(&host_weights)->default_value(host_weights),
@@ -219,6 +243,7 @@ int run_bench_train(int argc, char** argv) {
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
   if (seq < 2) throw ConfigError("--seq-len: expected at least 2, got " + std::to_string(seq));
   if (steps <= warmup) throw ConfigError("--steps: expected more than --warmup");
+  if (mlp_chunk < 0) throw ConfigError("--mlp-chunk: expected a token count >= 0 (0: no tiling), got " + std::to_string(mlp_chunk));
   if (cuda::device_count() == 0) throw ConfigError("bench train: expected a CUDA GPU, found none");
 
   const LlamaConfig cfg = gpu::llama_shape_by_name(model);
@@ -226,7 +251,8 @@ int run_bench_train(int argc, char** argv) {
   std::unique_ptr<Comm> comm = make_comm();
   if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty() || delayed)
     return run_bench_train_sharded(cfg, table, *comm, model, seq, steps, warmup, dtype, recompute, attention, nondet,
-                                   offload, weights, mem_limit, threads, delayed, host_grad, host_weights);
+                                   offload, weights, mem_limit, threads, delayed, host_grad, host_weights,
+                                   offload_activations, mlp_chunk);
   gpu::GpuEngineOptions opt;
   if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
   else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;
@@ -234,14 +260,17 @@ int run_bench_train(int argc, char** argv) {
   opt.model.max_tokens = seq;
   opt.model.nondeterministic_attention = nondet;
   opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
-  opt.model.recompute = gpu::GpuEngine::choose_recompute(recompute, cfg, opt);
+  opt.model.offload_activations = offload_activations;
+  opt.model.mlp_chunk = mlp_chunk;
+  gpu::GpuEngine::apply_recompute(recompute, cfg, &opt);
+  const gpu::GpuMemoryPlan plan = gpu::GpuEngine::plan(cfg, opt);
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
-  std::printf("[bench] %s | %s shape: %.3f B parameters | seq %lld | %s | recompute %s | attention %s%s\n", prop.name,
-              model.c_str(), double(table.num_parameters()) / 1e9, (long long)seq, dtype.c_str(),
-              opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer", attention.c_str(),
-              nondet ? " (nondeterministic dq)" : "");
-  std::printf("[bench] device memory plan: %s\n", gpu::GpuEngine::plan(cfg, opt).describe().c_str());
+  std::printf("[bench] %s | %s shape: %.3f B parameters | seq %lld | %s | recompute %s%s | attention %s%s\n",
+              prop.name, model.c_str(), double(table.num_parameters()) / 1e9, (long long)seq, dtype.c_str(),
+              opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer", activation_options_text(opt.model).c_str(),
+              attention.c_str(), nondet ? " (nondeterministic dq)" : "");
+  std::printf("[bench] memory plan: %s\n", plan.describe().c_str());
 
   gpu::GpuEngine engine(cfg, table, AdamWConfig{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0}, opt);
   engine.init_random(1234);
@@ -268,10 +297,13 @@ int run_bench_train(int argc, char** argv) {
   const double peak_gib = double(engine.peak_device_bytes()) / double(1ull << 30);
   std::printf("RESULT {\"engine\":\"longtune\",\"model\":\"%s\",\"seq\":%lld,\"mode\":\"gpu\",\"dtype\":\"%s\","
               "\"recompute\":\"%s\",\"step_s\":%.4f,\"tokens_per_s\":%.1f,\"mfu_vs_790\":%.3f,\"mfu_vs_989\":%.3f,"
-              "\"peak_gib\":%.2f,\"loss\":%.4f}\n",
+              "\"peak_gib\":%.2f,\"planned_device_gib\":%.2f,\"offload_activations\":%s,\"mlp_chunk\":%lld,"
+              "\"planned_host_pinned_gib\":%.2f,\"loss\":%.4f}\n",
               model.c_str(), (long long)seq, dtype.c_str(),
               opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer", step_s, tps, tps * fpt / 790e12,
-              tps * fpt / 989e12, peak_gib, loss.mean());
+              tps * fpt / 989e12, peak_gib, double(plan.total()) / double(1ull << 30),
+              opt.model.offload_activations ? "true" : "false", (long long)effective_mlp_chunk(opt.model),
+              double(plan.host_pinned) / double(1ull << 30), loss.mean());
   // The brief's benchmark-mode lines.
   std::printf("[RESULT] peak VRAM per GPU: %.2f GiB\n", peak_gib);
   std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, timed.size());

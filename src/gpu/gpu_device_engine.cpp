@@ -24,6 +24,15 @@ double device_peak_flops(int device) {
   return per_sm_per_clock * double(p.multiProcessorCount) * double(clock_khz) * 1e3;
 }
 
+// What the model does with its activations, for the run's first line.
+std::string activations_text(const gpu::GpuModelOptions& m) {
+  if (m.recompute == gpu::Recompute::kNone) return "recompute none";
+  std::string s = "recompute per layer";
+  if (m.offload_activations) s += ", layer inputs in host memory";
+  if (m.mlp_chunk > 0 && m.mlp_chunk < m.max_tokens) s += ", MLP tiles of " + std::to_string(m.mlp_chunk) + " tokens";
+  return s;
+}
+
 class GpuDeviceEngine final : public DeviceEngine {
  public:
   GpuDeviceEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
@@ -64,9 +73,8 @@ class GpuDeviceEngine final : public DeviceEngine {
     CUDA_CHECK(cudaGetDeviceProperties(&p, device_));
     return "GPU " + std::to_string(device_) + ": " + p.name + " (sm_" + std::to_string(p.major) +
            std::to_string(p.minor) + ") | " +
-           (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | recompute " +
-           (opt_.model.recompute == gpu::Recompute::kNone ? "none" : "per layer") + " | device memory: " +
-           engine_.memory_plan().describe();
+           (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | " +
+           activations_text(opt_.model) + " | memory: " + engine_.memory_plan().describe();
   }
   double peak_memory_gib() const override { return double(engine_.peak_device_bytes()) / double(1ull << 30); }
   double peak_flops() const override { return peak_flops_; }
@@ -129,9 +137,9 @@ class ZeroDeviceEngine final : public DeviceEngine {
                                                                           : "optimizer on the GPU";
     const char* w_place = opt_.weights == gpu::WeightPlace::kResident ? "weights resident" : "weights streamed per layer";
     return gpu_name(device_) + " | " + std::to_string(engine_.world()) + " rank" + (engine_.world() == 1 ? "" : "s") +
-           " | " + (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | recompute " +
-           (opt_.model.recompute == gpu::Recompute::kNone ? "none" : "per layer") + " | " + opt_place + " | " +
-           w_place + " | memory per rank: " + engine_.memory_plan().describe();
+           " | " + (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | " +
+           activations_text(opt_.model) + " | " + opt_place + " | " + w_place +
+           " | memory per rank: " + engine_.memory_plan().describe();
   }
   double peak_memory_gib() const override { return double(engine_.peak_device_bytes()) / double(1ull << 30); }
   double peak_flops() const override { return peak_flops_; }
@@ -180,6 +188,8 @@ gpu::GpuModelOptions model_options(const DeviceEngineOptions& o) {
   m.compute_dtype = o.dtype == "fp16" ? DType::F16 : DType::BF16;
   m.max_tokens = o.max_tokens;
   m.attention_kernel = gpu::attention_kernel_from_name(o.attention);
+  m.offload_activations = o.offload_activations;
+  m.mlp_chunk = o.mlp_chunk;
   return m;
 }
 
@@ -215,7 +225,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
     throw ConfigError("--device cuda: expected a visible CUDA GPU, found none (CUDA_VISIBLE_DEVICES, driver?)");
   gpu::GpuEngineOptions opt;
   opt.model = model_options(o);
-  opt.model.recompute = gpu::GpuEngine::choose_recompute(o.recompute, model_cfg, opt);
+  gpu::GpuEngine::apply_recompute(o.recompute, model_cfg, &opt);
   check_dtype(o.dtype);
   return std::make_unique<GpuDeviceEngine>(model_cfg, table, o.adamw, opt);
 }

@@ -7,6 +7,7 @@
 #include "kernels/cuda/cuda_check.cuh"
 #include "kernels/cuda/random.cuh"
 #include "src/common/error.hpp"
+#include "src/memory/host_memory.hpp"
 
 namespace longtune::gpu {
 
@@ -55,9 +56,11 @@ std::optional<float> LossScaler::decide(double norm_sq, bool nonfinite, int64_t 
 }
 
 std::string GpuMemoryPlan::describe() const {
-  return "state " + format_bytes(double(state)) + " + weights " + format_bytes(double(weights)) + " + activations " +
-         format_bytes(double(activations)) + " + libraries " + format_bytes(double(library)) + " = " +
-         format_bytes(double(total()));
+  std::string s = "state " + format_bytes(double(state)) + " + weights " + format_bytes(double(weights)) +
+                  " + activations " + format_bytes(double(activations)) + " + libraries " +
+                  format_bytes(double(library)) + " = " + format_bytes(double(total()));
+  if (host_pinned) s += "; host: pinned activations " + format_bytes(double(host_pinned));
+  return s;
 }
 
 GpuMemoryPlan GpuEngine::plan(const LlamaConfig& cfg, const GpuEngineOptions& opt) {
@@ -68,16 +71,28 @@ GpuMemoryPlan GpuEngine::plan(const LlamaConfig& cfg, const GpuEngineOptions& op
   p.weights = align_up(size_t(n) * 2);
   p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
   p.library = kLibraryAllowance;
+  p.host_pinned = round_up_to_pages(LlamaGpu::host_activation_bytes(cfg, opt.model));
   return p;
 }
 
-Recompute GpuEngine::choose_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions opt) {
-  if (name == "none") return Recompute::kNone;
-  if (name == "layer") return Recompute::kLayer;
-  if (name != "auto") throw ConfigError("--recompute: expected none, layer or auto, got '" + name + "'");
-  opt.model.recompute = Recompute::kNone;
-  return double(plan(cfg, opt).total()) > 0.95 * double(device_memory_info().free) ? Recompute::kLayer
-                                                                                   : Recompute::kNone;
+void GpuEngine::apply_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions* opt,
+                                size_t device_free) {
+  if (name != "none" && name != "layer" && name != "auto")
+    throw ConfigError("--recompute: expected none, layer or auto, got '" + name + "'");
+  if (name == "none" && opt->model.offload_activations)
+    throw ConfigError("--offload-activations: expected --recompute layer or auto, got --recompute none");
+  if (name != "auto") {
+    opt->model.recompute = name == "none" ? Recompute::kNone : Recompute::kLayer;
+    return;
+  }
+  // Keeping every activation is the fastest, and with nothing recomputed there are no layer inputs
+  // to offload.
+  GpuEngineOptions keep = *opt;
+  keep.model.recompute = Recompute::kNone;
+  keep.model.offload_activations = false;
+  if (device_free == 0) device_free = device_memory_info().free;
+  if (double(plan(cfg, keep).total()) <= 0.95 * double(device_free)) *opt = keep;
+  else opt->model.recompute = Recompute::kLayer;
 }
 
 GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
@@ -92,7 +107,8 @@ GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const Adam
   if (plan_.total() > mem.free)
     throw ConfigError("GPU memory: this run needs " + plan_.describe() + ", the GPU has " +
                       format_bytes(double(mem.free)) + " free of " + format_bytes(double(mem.total)) +
-                      " (shorter --seq-len, smaller --micro-batch, or --recompute layer)");
+                      " (shorter --seq-len, smaller --micro-batch, --recompute layer, --offload-activations true, "
+                      "--mlp-chunk 4096; longtune plan)");
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
   const int64_t n = table.total_elements();

@@ -27,13 +27,16 @@ struct GpuEngineOptions {
   int64_t loss_scale_window = 2000;     // good steps before the scale doubles
 };
 
-// Device memory of the whole engine, by part (what `train` prints and refuses on).
+// Memory of the whole engine, by part (what `train` prints and refuses on).
 struct GpuMemoryPlan {
+  // device
   size_t state = 0;        // fp32 master + exp_avg + exp_avg_sq + grad
   size_t weights = 0;      // compute-dtype copy
   size_t activations = 0;  // LlamaGpu::activation_bytes
   size_t library = 0;      // cuBLASLt workspace and context, allowance
-  size_t total() const { return state + weights + activations + library; }
+  // host
+  size_t host_pinned = 0;  // offloaded layer inputs (LlamaGpu::host_activation_bytes, whole pages)
+  size_t total() const { return state + weights + activations + library; }  // device
   std::string describe() const;
 };
 
@@ -70,9 +73,12 @@ class LossScaler {
 class GpuEngine {
  public:
   static GpuMemoryPlan plan(const LlamaConfig& cfg, const GpuEngineOptions& opt);
-  // The --recompute option: "none", "layer", or "auto" (none when the plan fits in 95% of the free
-  // device memory, else layer). ConfigError for other names.
-  static Recompute choose_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions opt);
+  // The --recompute option into opt->model: "none", "layer", or "auto" (none when the plan fits in
+  // 95% of `device_free` bytes, 0: the current GPU's free memory; else layer). Activation offload
+  // needs layer: auto turns it off when it picks none, and keeps what the user asked for with
+  // layer. ConfigError for other names, and for none with offload_activations.
+  static void apply_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions* opt,
+                              size_t device_free = 0);
 
   // Allocates everything (ConfigError with the plan's numbers when it does not fit).
   GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw, const GpuEngineOptions& opt);

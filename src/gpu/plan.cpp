@@ -3,7 +3,7 @@
 // placement the engines offer, fastest first, picks the fastest that fits, and finds the longest
 // sequence each placement can train. The numbers are the engines' own plans (GpuEngine::plan,
 // ZeroEngine::plan): the same counting passes that size their allocations, so what `plan` says is what
-// `train` allocates (and refuses on) -- docs/planner.md has the measured accuracy.
+// `train` allocates (and refuses on) -- docs/offload.md has the measured accuracy.
 #include <algorithm>
 #include <cstdio>
 #include <string>
@@ -17,62 +17,121 @@
 #include "src/gpu/device_memory.hpp"
 #include "src/gpu/gpu_engine.hpp"
 #include "src/gpu/model_shapes.hpp"
+#include "src/gpu/plan.hpp"
 #include "src/gpu/zero_engine.hpp"
 #include "src/model/param_table.hpp"
 #include "src/train/train_config.hpp"
 
 namespace po = boost::program_options;
 
-namespace longtune::cli {
+namespace longtune::gpu {
 
-namespace {
+std::string Placement::train_options() const {
+  std::string s = "--offload " + offload + " --weights " + weights + " --recompute " +
+                  (recompute == Recompute::kNone ? "none" : "layer");
+  if (offload_activations) s += " --offload-activations true";
+  if (mlp_chunk > 0) s += " --mlp-chunk " + std::to_string(mlp_chunk);
+  return s;
+}
 
-// The CUDA context and the driver's own allocations, which every process pays before the engine
-// allocates anything (measured: about 0.5 GiB on an H100/H200 with CUDA 13).
-constexpr double kContextBytes = 0.55 * double(1ull << 30);
-// Host memory the OS and the process itself (binary, MPI, HDF5, data) need beside the plan.
-constexpr double kHostReserve = 0.08;
+std::vector<Placement> plan_placements(int64_t mlp_chunk) {
+  const auto keep = [](std::string name, std::string offload, std::string weights) {
+    return Placement{std::move(name), std::move(offload), std::move(weights), Recompute::kNone, false, 0};
+  };
+  const auto layer = [](std::string name, std::string offload, std::string weights) {
+    return Placement{std::move(name), std::move(offload), std::move(weights), Recompute::kLayer, false, 0};
+  };
+  const auto to_host = [&](const Placement& p, std::string name) {
+    Placement q = p;
+    q.name = std::move(name);
+    q.offload_activations = true;
+    q.mlp_chunk = mlp_chunk;
+    return q;
+  };
+  const Placement gpu = layer("all on GPU, recompute per layer", "none", "resident");
+  const Placement zero3 = layer("ZeRO-3 weights, recompute per layer", "none", "streamed");
+  const Placement opt = layer("offload optimizer, recompute per layer", "optimizer", "resident");
+  const Placement params = layer("offload optimizer + params, recompute per layer", "params", "streamed");
+  return {
+      keep("all on GPU, keep activations", "none", "resident"),
+      gpu,
+      to_host(gpu, "all on GPU, recompute, activations to host"),
+      zero3,
+      to_host(zero3, "ZeRO-3 weights, recompute, activations to host"),
+      keep("offload optimizer, keep activations", "optimizer", "resident"),
+      opt,
+      to_host(opt, "offload optimizer, recompute, activations to host"),
+      params,
+      to_host(params, "offload optimizer + params, recompute, activations to host"),
+  };
+}
 
-struct Placement {
-  std::string name;     // as the user would type it: --offload X --weights Y --recompute Z
-  std::string offload;  // none | optimizer | params
-  std::string weights;  // resident | streamed
-  gpu::Recompute recompute;
-};
+PlanBudget plan_budget(double gpu_mem, double host_mem, int world, int ranks_per_node, int64_t micro_batch,
+                       DType dtype) {
+  PlanBudget b;
+  b.device = gpu_mem - kPlanContextBytes;
+  b.host = host_mem * (1.0 - kPlanHostReserve);
+  b.world = world;
+  b.ranks_per_node = ranks_per_node;
+  b.micro_batch = micro_batch;
+  b.dtype = dtype;
+  return b;
+}
 
-struct Prediction {
-  double device = 0, host = 0;  // bytes per rank
-  std::string detail;
-};
-
-Prediction predict(const LlamaConfig& cfg, const Placement& p, int64_t tokens, int world, DType dtype) {
-  Prediction r;
-  gpu::GpuModelOptions m;
+PlanPrediction predict_memory(const LlamaConfig& cfg, const Placement& p, int64_t tokens, int world, DType dtype) {
+  PlanPrediction r;
+  GpuModelOptions m;
   m.compute_dtype = dtype;
   m.max_tokens = tokens;
   m.recompute = p.recompute;
+  m.offload_activations = p.offload_activations;
+  m.mlp_chunk = p.mlp_chunk;
   const ParamTable table(cfg);
   if (world == 1 && p.offload == "none" && p.weights == "resident") {
-    gpu::GpuEngineOptions o;
+    GpuEngineOptions o;
     o.model = m;
-    const gpu::GpuMemoryPlan plan = gpu::GpuEngine::plan(cfg, o);
+    const GpuMemoryPlan plan = GpuEngine::plan(cfg, o);
     r.device = double(plan.total());
-    // The trainer's host copy of the state (checkpoints, evaluation): 4 fp32 arrays.
-    r.host = double(HostArena::bytes_for(std::vector<size_t>(4, size_t(table.total_elements()) * 4)));
+    // The trainer's host copy of the state (checkpoints, evaluation): 4 fp32 arrays; and the
+    // offloaded layer inputs.
+    r.host = double(HostArena::bytes_for(std::vector<size_t>(4, size_t(table.total_elements()) * 4))) +
+             double(plan.host_pinned);
     r.detail = plan.describe();
     return r;
   }
-  gpu::ZeroEngineOptions o;
+  ZeroEngineOptions o;
   o.model = m;
-  o.optimizer = p.offload == "none" ? gpu::OptimizerPlace::kDevice : gpu::OptimizerPlace::kHost;
-  o.weights = (p.offload == "params" || p.weights == "streamed") ? gpu::WeightPlace::kStreamed
-                                                                   : gpu::WeightPlace::kResident;
-  const gpu::ZeroMemoryPlan plan = gpu::ZeroEngine::plan(cfg, o, world);
+  o.optimizer = p.offload == "none" ? OptimizerPlace::kDevice : OptimizerPlace::kHost;
+  o.weights = (p.offload == "params" || p.weights == "streamed") ? WeightPlace::kStreamed : WeightPlace::kResident;
+  const ZeroMemoryPlan plan = ZeroEngine::plan(cfg, o, world);
   r.device = double(plan.device_total());
   r.host = double(plan.host_total());
   r.detail = plan.describe();
   return r;
 }
+
+bool plan_fits(const LlamaConfig& cfg, const Placement& p, int64_t seq_len, const PlanBudget& budget) {
+  const PlanPrediction pr = predict_memory(cfg, p, seq_len * budget.micro_batch, budget.world, budget.dtype);
+  return pr.device <= budget.device && pr.host * budget.ranks_per_node <= budget.host;
+}
+
+int64_t longest_sequence(const LlamaConfig& cfg, const Placement& p, const PlanBudget& budget, int64_t max_seq) {
+  // Binary search in multiples of 1024 tokens: device and host memory grow monotonically with it
+  // (the host too: offloaded layer inputs are (L - 1) x T x C).
+  int64_t lo = 0, hi = max_seq / 1024;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (plan_fits(cfg, p, mid * 1024, budget)) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo * 1024;
+}
+
+}  // namespace longtune::gpu
+
+namespace longtune::cli {
+
+namespace {
 
 std::string gib(double bytes) {
   char buf[32];
@@ -84,7 +143,7 @@ std::string gib(double bytes) {
 
 int run_plan(int argc, char** argv) {
   std::string model = "8b", gpu_mem = "80GiB", host_mem = "128GiB", dtype_name_s = "bf16";
-  int64_t seq = 0, micro = 1, max_seq = 1 << 20;
+  int64_t seq = 0, micro = 1, max_seq = 1 << 20, mlp_chunk = gpu::kPlanMlpChunk;
   int gpus = 1, gpus_per_node = 0;
   po::options_description desc(
       "longtune plan: predicted device and host memory per rank for each placement of weights, optimizer\n"
@@ -98,60 +157,51 @@ int run_plan(int argc, char** argv) {
       ("gpu-mem", po::value(&gpu_mem)->default_value(gpu_mem), "memory of one GPU, e.g. 16GiB (V100), 48GiB (A6000)")
       ("host-mem", po::value(&host_mem)->default_value(host_mem), "host memory of one node")
       ("dtype", po::value(&dtype_name_s)->default_value(dtype_name_s), "bf16 | fp16")
+      ("mlp-chunk", po::value(&mlp_chunk)->default_value(mlp_chunk),
+       "tokens per MLP tile in the placements that put activations on the host")
       ("max-seq", po::value(&max_seq)->default_value(max_seq), "upper end of the longest-sequence search");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
   if (gpus < 1) throw ConfigError("--gpus: expected at least 1, got " + std::to_string(gpus));
   if (micro < 1) throw ConfigError("--micro-batch: expected at least 1, got " + std::to_string(micro));
   if (vm.count("seq-len") && seq < 2) throw ConfigError("--seq-len: expected at least 2, got " + std::to_string(seq));
+  if (mlp_chunk < 1) throw ConfigError("--mlp-chunk: expected a token count >= 1, got " + std::to_string(mlp_chunk));
   if (gpus_per_node <= 0) gpus_per_node = std::min(gpus, 8);
   DType dtype = DType::BF16;
   if (dtype_name_s == "fp16") dtype = DType::F16;
   else if (dtype_name_s != "bf16") throw ConfigError("--dtype: expected bf16 or fp16, got '" + dtype_name_s + "'");
-  const double device_budget = double(parse_byte_size(gpu_mem, "--gpu-mem")) - kContextBytes;
-  const double host_budget = double(parse_byte_size(host_mem, "--host-mem")) * (1.0 - kHostReserve);
+  const gpu::PlanBudget budget =
+      gpu::plan_budget(double(parse_byte_size(gpu_mem, "--gpu-mem")), double(parse_byte_size(host_mem, "--host-mem")),
+                       gpus, gpus_per_node, micro, dtype);
   const LlamaConfig cfg = gpu::llama_shape_by_name(model);
   const ParamTable table(cfg);
+  const std::vector<gpu::Placement> placements = gpu::plan_placements(mlp_chunk);
 
-  const std::vector<Placement> placements = {
-      {"all on GPU, keep activations", "none", "resident", gpu::Recompute::kNone},
-      {"all on GPU, recompute per layer", "none", "resident", gpu::Recompute::kLayer},
-      {"ZeRO-3 weights, recompute per layer", "none", "streamed", gpu::Recompute::kLayer},
-      {"offload optimizer, keep activations", "optimizer", "resident", gpu::Recompute::kNone},
-      {"offload optimizer, recompute per layer", "optimizer", "resident", gpu::Recompute::kLayer},
-      {"offload optimizer + params, recompute per layer", "params", "streamed", gpu::Recompute::kLayer},
-  };
   std::printf("[plan] %s: %.3f B parameters, %d rank%s (%d per node), GPU %s, host %s per node, %s\n", model.c_str(),
               double(table.num_parameters()) / 1e9, gpus, gpus == 1 ? "" : "s", gpus_per_node, gpu_mem.c_str(),
               host_mem.c_str(), dtype_name_s.c_str());
   std::printf("[plan] budgets: device %s GiB per rank (the GPU less %.2f GiB of CUDA context), host %s GiB per node "
               "(%.0f%% kept for the system)\n",
-              gib(device_budget).c_str(), kContextBytes / double(1ull << 30), gib(host_budget).c_str(), kHostReserve * 100);
-  const auto fits = [&](const Placement& p, int64_t s) {
-    const Prediction pr = predict(cfg, p, s * micro, gpus, dtype);
-    return pr.device <= device_budget && pr.host * gpus_per_node <= host_budget;
-  };
+              gib(budget.device).c_str(), gpu::kPlanContextBytes / double(1ull << 30), gib(budget.host).c_str(),
+              gpu::kPlanHostReserve * 100);
+  std::printf("[plan] activations to host: the layer inputs in pinned host memory, the MLP in tiles of %lld tokens\n",
+              (long long)mlp_chunk);
+  int width = int(std::string("placement").size());
+  for (const gpu::Placement& p : placements) width = std::max(width, int(p.name.size()));
   int chosen = -1;
-  std::printf("\n%-48s %12s %14s %6s %14s\n", "placement", "device GiB", "host GiB/node", "fits", "longest seq");
+  std::printf("\n%-*s %12s %14s %6s %14s\n", width, "placement", "device GiB", "host GiB/node", "fits", "longest seq");
   for (size_t i = 0; i < placements.size(); ++i) {
-    const Placement& p = placements[i];
-    // Longest sequence, in multiples of 1024 tokens: memory grows monotonically with it.
-    int64_t lo = 0, hi = max_seq / 1024;
-    while (lo < hi) {
-      const int64_t mid = (lo + hi + 1) / 2;
-      if (fits(p, mid * 1024)) lo = mid;
-      else hi = mid - 1;
-    }
-    const int64_t longest = lo * 1024;
+    const gpu::Placement& p = placements[i];
+    const int64_t longest = gpu::longest_sequence(cfg, p, budget, max_seq);
     std::string dev = "-", host = "-", ok = "-";
     if (seq > 0) {
-      const Prediction pr = predict(cfg, p, seq * micro, gpus, dtype);
+      const gpu::PlanPrediction pr = gpu::predict_memory(cfg, p, seq * micro, gpus, dtype);
       dev = gib(pr.device);
       host = gib(pr.host * gpus_per_node);
-      ok = fits(p, seq) ? "yes" : "no";
+      ok = gpu::plan_fits(cfg, p, seq, budget) ? "yes" : "no";
       if (ok == "yes" && chosen < 0) chosen = int(i);
     }
-    std::printf("%-48s %12s %14s %6s %14s\n", p.name.c_str(), dev.c_str(), host.c_str(), ok.c_str(),
+    std::printf("%-*s %12s %14s %6s %14s\n", width, p.name.c_str(), dev.c_str(), host.c_str(), ok.c_str(),
                 longest > 0 ? std::to_string(longest).c_str() : "none");
   }
   if (seq > 0) {
@@ -159,11 +209,10 @@ int run_plan(int argc, char** argv) {
       std::printf("\n[plan] seq %lld does not fit any placement at these budgets\n", (long long)seq);
       return 3;
     }
-    const Placement& p = placements[size_t(chosen)];
-    const Prediction pr = predict(cfg, p, seq * micro, gpus, dtype);
+    const gpu::Placement& p = placements[size_t(chosen)];
+    const gpu::PlanPrediction pr = gpu::predict_memory(cfg, p, seq * micro, gpus, dtype);
     std::printf("\n[plan] fastest placement that fits seq %lld: %s\n", (long long)seq, p.name.c_str());
-    std::printf("[plan]   train options: --offload %s --weights %s --recompute %s --seq-len %lld --micro-batch %lld\n",
-                p.offload.c_str(), p.weights.c_str(), p.recompute == gpu::Recompute::kNone ? "none" : "layer",
+    std::printf("[plan]   train options: %s --seq-len %lld --micro-batch %lld\n", p.train_options().c_str(),
                 (long long)seq, (long long)micro);
     std::printf("[plan]   per rank: %s\n", pr.detail.c_str());
   }

@@ -95,22 +95,34 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
     p.host_pinned += round_up_to_pages(size_t(z.max_piece) * 4);  // staging of later micro-batches
     if (opt.delayed_update) p.host_pinned += round_up_to_pages(size_t(z.shard_len) * dtype_size(host_grad));
   }
+  p.host_pinned += round_up_to_pages(LlamaGpu::host_activation_bytes(cfg, opt.model));
   return p;
 }
 
 void ZeroEngine::apply_placement(ZeroEngineOptions* opt, const std::string& offload, const std::string& weights,
-                                 const std::string& recompute, const LlamaConfig& cfg, int world) {
+                                 const std::string& recompute, const LlamaConfig& cfg, int world, size_t device_free) {
   if (offload != "none" && offload != "optimizer" && offload != "params")
     throw ConfigError("--offload: expected none, optimizer or params, got '" + offload + "'");
   if (weights != "resident" && weights != "streamed")
     throw ConfigError("--weights: expected resident or streamed, got '" + weights + "'");
+  if (recompute != "none" && recompute != "layer" && recompute != "auto")
+    throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
+  if (recompute == "none" && opt->model.offload_activations)
+    throw ConfigError("--offload-activations: expected --recompute layer or auto, got --recompute none");
   opt->optimizer = offload == "none" ? OptimizerPlace::kDevice : OptimizerPlace::kHost;
   opt->weights = (offload == "params" || weights == "streamed") ? WeightPlace::kStreamed : WeightPlace::kResident;
-  if (recompute == "none" || recompute == "auto") opt->model.recompute = Recompute::kNone;
-  else if (recompute == "layer") opt->model.recompute = Recompute::kLayer;
-  else throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
-  if (recompute == "auto" && double(plan(cfg, *opt, world).device_total()) > 0.95 * double(device_memory_info().free))
-    opt->model.recompute = Recompute::kLayer;
+  if (recompute != "auto") {
+    opt->model.recompute = recompute == "none" ? Recompute::kNone : Recompute::kLayer;
+    return;
+  }
+  // Keeping every activation is the fastest, and with nothing recomputed there are no layer inputs
+  // to offload.
+  ZeroEngineOptions keep = *opt;
+  keep.model.recompute = Recompute::kNone;
+  keep.model.offload_activations = false;
+  if (device_free == 0) device_free = device_memory_info().free;
+  if (double(plan(cfg, keep, world).device_total()) <= 0.95 * double(device_free)) *opt = keep;
+  else opt->model.recompute = Recompute::kLayer;
 }
 
 void ZeroEngine::apply_host_state(ZeroEngineOptions* opt, const std::string& host_grad_dtype,
@@ -413,7 +425,8 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
   if (plan_.device_total() > mem.free)
     throw ConfigError("GPU memory: this run needs " + plan_.describe() + ", the GPU has " +
                       format_bytes(double(mem.free)) + " free of " + format_bytes(double(mem.total)) +
-                      " (shorter --seq-len, --recompute layer, --offload optimizer, --stream-weights)");
+                      " (shorter --seq-len, --recompute layer, --offload-activations true, --mlp-chunk 4096, "
+                      "--offload optimizer, --weights streamed; longtune plan)");
   const Sizes z(table, world_);
   LT_CHECK(z.shard_len == state.shard_len(), "ZeroEngine: the state's shard does not match the layout");
 

@@ -81,7 +81,7 @@ struct ZeroMemoryPlan {
   size_t library = 0;          // cuBLASLt, NCCL, CUDA context growth (allowance)
   // host (per rank)
   size_t host_state = 0;       // the ShardedTrainState arena (4 fp32 arrays of the shard)
-  size_t host_pinned = 0;      // compute-dtype shard + staging (page-locked)
+  size_t host_pinned = 0;      // compute-dtype shard + staging (kHost), offloaded layer inputs (page-locked)
   size_t device_total() const { return optimizer_state + weights + grads + activations + library; }
   size_t host_total() const { return host_state + host_pinned; }
   std::string describe() const;
@@ -103,10 +103,13 @@ class ZeroEngine {
  public:
   static ZeroMemoryPlan plan(const LlamaConfig& cfg, const ZeroEngineOptions& opt, int world);
   // The --offload (none | optimizer | params), --weights (resident | streamed) and --recompute
-  // (none | layer | auto: none when the plan fits in 95% of the free device memory) options of
-  // train and bench, into opt (ConfigError for other values). The rest of opt must be set.
+  // (none | layer | auto: none when the plan fits in 95% of `device_free` bytes, 0: the current
+  // GPU's free memory) options of train and bench, into opt (ConfigError for other values). The
+  // rest of opt must be set. Activation offload needs layer: auto turns it off when it picks none
+  // and keeps what the user asked for with layer; none with it is a ConfigError.
   static void apply_placement(ZeroEngineOptions* opt, const std::string& offload, const std::string& weights,
-                              const std::string& recompute, const LlamaConfig& cfg, int world);
+                              const std::string& recompute, const LlamaConfig& cfg, int world,
+                              size_t device_free = 0);
 
   // --host-grad-dtype (fp32 | bf16) and --host-weights (copy | master) into opt (ConfigError for
   // other values, or for non-default ones without host offload).

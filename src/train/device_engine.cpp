@@ -15,6 +15,8 @@ DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
   o.delayed_update = cfg.delayed_update;
   o.host_grad_dtype = cfg.host_grad_dtype;
   o.host_weights = cfg.host_weights;
+  o.offload_activations = cfg.offload_activations;
+  o.mlp_chunk = cfg.mlp_chunk;
   if (!cfg.gpu_mem_limit.empty()) o.gpu_mem_limit = parse_byte_size(cfg.gpu_mem_limit, "gpu-mem-limit");
   o.max_tokens = cfg.seq_len * cfg.micro_batch;
   o.adamw = cfg.adamw;

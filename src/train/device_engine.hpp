@@ -63,6 +63,8 @@ struct DeviceEngineOptions {
   int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
   std::string host_grad_dtype = "fp32";  // offload only: fp32 | bf16
   std::string host_weights = "copy";     // offload only: copy | master
+  bool offload_activations = false; // layer inputs in pinned host memory (recompute layer; auto drops it with none)
+  int64_t mlp_chunk = 0;           // tokens per MLP tile (recompute layer; 0: one tile)
   int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
   AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)
 };

@@ -36,6 +36,7 @@ const std::map<std::string, std::string>& option_sections() {
       {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
       {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},    {"host-grad-dtype", "gpu"},
       {"host-weights", "gpu"},
+      {"offload-activations", "gpu"}, {"mlp-chunk", "gpu"},
   };
   return sections;
 }
@@ -85,7 +86,9 @@ po::options_description make_description(TrainConfig* c) {
       ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
       ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)")
       ("host-grad-dtype", po::value(&c->host_grad_dtype), "[gpu] with --offload: the host gradient accumulator, fp32 (default) or bf16 (2 bytes per parameter less host memory and PCIe traffic; the update uses bf16-rounded gradients)")
-      ("host-weights", po::value(&c->host_weights), "[gpu] with --offload: copy (default: a compute-dtype copy of the shard in pinned host memory feeds the GPU) or master (no copy: the fp32 master is fetched and converted on the GPU, 2 bytes per parameter less host memory, twice the fetch bytes)");
+      ("host-weights", po::value(&c->host_weights), "[gpu] with --offload: copy (default: a compute-dtype copy of the shard in pinned host memory feeds the GPU) or master (no copy: the fp32 master is fetched and converted on the GPU, 2 bytes per parameter less host memory, twice the fetch bytes)")
+      ("offload-activations", po::value(&c->offload_activations), "[gpu] with --recompute layer or auto: keep the layers' saved inputs in pinned host memory, copied out in forward and prefetched in backward behind the compute (same results; true/false, default false; auto drops it when nothing is recomputed)")
+      ("mlp-chunk", po::value(&c->mlp_chunk), "[gpu] with --recompute layer or auto: run the MLP over tiles of this many tokens, so its intermediates do not grow with the sequence (0: one tile, the default; e.g. 4096)");
   return desc;
 }
 
@@ -221,6 +224,10 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
           "--offload optimizer or params with --host-grad-dtype bf16 or --host-weights master", "--offload none");
   require(!c.delayed_update || (c.offload == "optimizer" && c.weights == "resident"), "delayed-update",
           "--offload optimizer with --weights resident", "--offload " + c.offload + " --weights " + c.weights);
+  require(c.mlp_chunk >= 0, "mlp-chunk", "a token count >= 0 (0: no tiling)", std::to_string(c.mlp_chunk));
+  // The layer inputs are what it moves to the host: without recomputation there are none to move.
+  require(!c.offload_activations || c.recompute != "none", "offload-activations", "--recompute layer or auto",
+          "--recompute none");
   *out = c;
   return true;
 }
@@ -270,7 +277,9 @@ std::string to_ini(const TrainConfig& c) {
   s << "\n[gpu]\n";
   s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\nattention = "
     << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights
-    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false") << "\n";
+    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false")
+    << "\noffload-activations = " << (c.offload_activations ? "true" : "false") << "\nmlp-chunk = " << c.mlp_chunk
+    << "\n";
   if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
   s << "host-grad-dtype = " << c.host_grad_dtype << "\nhost-weights = " << c.host_weights << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.

@@ -49,6 +49,8 @@ struct TrainConfig {
   std::string gpu_mem_limit;      // e.g. 16GiB: cap the device memory this rank may use (emulates a smaller GPU)
   std::string host_grad_dtype = "fp32";  // offload: host gradient accumulator fp32 | bf16 (2 B/param less host memory)
   std::string host_weights = "copy";     // offload: copy (bf16 copy of the shard on the host) | master (fetch fp32, convert on the GPU)
+  bool offload_activations = false; // recompute layer/auto: the saved layer inputs in pinned host memory
+  int64_t mlp_chunk = 0;          // recompute layer/auto: tokens per MLP tile (0: the whole micro-batch)
 
   bool builtin_model() const { return model_dir.empty(); }
   bool builtin_data() const { return data.empty(); }

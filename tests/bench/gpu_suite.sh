@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU machine's suite, in one call (device time is scarce): GPU tests, a GPU training run of
 # the built-in task, then `longtune bench train` beside the PyTorch anchor on the same GPU.
-#   tests/bench/gpu_suite.sh DIR [tests|eval|train|resume|bench|nondet|attn|kernels|mpi|comm|scaling|offload|plan|resume-offload ...]
+#   tests/bench/gpu_suite.sh DIR [tests|eval|train|resume|bench|nondet|attn|kernels|mpi|comm|scaling|offload|plan|resume-offload|activations ...]
 # DIR holds bin/ and lib/ as env/pack-device.sh gathers them (plus anchor_torch.py / anchor_attn.py
 # for the bench parts). Logs go to $OUT (or /tmp/gpu_suite).
 set -uo pipefail
@@ -82,6 +82,33 @@ for part in "$@"; do
         set -- $c
         OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" --offload "$3" --weights "$4" \
           --recompute "$5" --gpu-mem-limit "$6" --steps 3 --warmup 1 2>&1 | tee -a "$out/plan_vs_measured.log" | grep -E "RESULT|error"
+      done ;;
+    activations)
+      # Layer inputs on the host + MLP tiles (docs/offload.md, "Long sequences"): results equal, planned
+      # beside measured device and host memory, and the step time they cost (with and without, same GPU).
+      "$dir/bin/longtune_tests" --gtest_filter='GpuZeroEngine.ActivationOffload*:GpuModel.Offload*:GpuPlan.*' 2>&1 \
+        | tee "$out/activations_tests.log" | grep -E "^\[  (FAILED|PASSED) |OK \]|FAILED|zero-engine|gpu-offload"
+      for extra in "" "--offload-activations --mlp-chunk 4096"; do
+        "$dir/bin/longtune" bench train --model 1b --seq-len 65536 --recompute layer $extra --steps 4 --warmup 1 2>&1 \
+          | tee -a "$out/activations.log" | grep -E "RESULT \{|error|plan"
+        OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model 3b --seq-len 65536 --offload optimizer --recompute layer \
+          $extra --steps 3 --warmup 1 2>&1 | tee -a "$out/activations.log" | grep -E "RESULT \{|error|plan"
+      done
+      # The plan's pick for 3B at 64K on a 24 GiB GPU; without the options it is refused at start.
+      OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model 3b --seq-len 65536 --offload optimizer --recompute layer \
+        --offload-activations --mlp-chunk 4096 --gpu-mem-limit 24GiB --steps 3 --warmup 1 2>&1 \
+        | tee -a "$out/activations.log" | grep -E "RESULT|error|plan"
+      OMP_NUM_THREADS=16 "$dir/bin/longtune" bench train --model 3b --seq-len 65536 --offload optimizer --recompute layer \
+        --gpu-mem-limit 24GiB --steps 3 --warmup 1 2>&1 | tee -a "$out/activations.log" | grep -E "RESULT \{|error"
+      # auto keeps everything when it fits, and then drops the offload (RESULT: recompute none, offload_activations false).
+      "$dir/bin/longtune" bench train --model 1b --seq-len 4096 --offload-activations --mlp-chunk 1024 --steps 3 --warmup 1 \
+        2>&1 | tee -a "$out/activations.log" | grep -E "RESULT \{|error"
+      # train through both engines on the built-in task (1024 tokens per micro-batch: four tiles).
+      for off in none optimizer; do
+        rm -rf /tmp/lt-act-$off
+        "$dir/bin/longtune" train --device cuda --offload $off --recompute layer --offload-activations true --mlp-chunk 256 \
+          --steps 30 --eval-every -1 --log-every 10 --run-dir /tmp/lt-act-$off 2>&1 | tee -a "$out/activations_train.log" \
+          | grep -E "GPU|step +30/|done|error" | cut -c1-400
       done ;;
     resume-offload)
       # Offloaded optimizer: N steps straight vs N/2 + stop + resume, exported weights byte-identical.
