@@ -155,6 +155,8 @@ TEST(TrainConfigParse, ConfigFileCommandLineOverridesAndErrors) {
 
   EXPECT_NE(parse_error({"--lr", "-1"}).find("--lr: expected a positive number"), std::string::npos);
   EXPECT_NE(parse_error({"--schedule", "cosin"}).find("constant, cosine or linear"), std::string::npos);
+  EXPECT_NE(parse_error({"--grad-reduce-dtype", "fp16"}).find("--grad-reduce-dtype: expected fp32 or bf16, got 'fp16'"),
+            std::string::npos);
   EXPECT_NE(parse_error({"--seq-lenn", "5"}).find("did you mean --seq-len"), std::string::npos);
   EXPECT_NE(parse_error({"--data", "x.h5"}).find("--model-dir"), std::string::npos);
   EXPECT_NE(parse_error({"--model-dir", "m"}).find("--steps"), std::string::npos);
@@ -163,9 +165,11 @@ TEST(TrainConfigParse, ConfigFileCommandLineOverridesAndErrors) {
 
 TEST(TrainConfigParse, ResolvedIniParsesBackToTheSameConfig) {
   TempDir d;
-  const TrainConfig c = parse({"--seq-len", "200", "--lr", "0.0007", "--shuffle", "false", "--steps", "9"});
+  const TrainConfig c = parse({"--seq-len", "200", "--lr", "0.0007", "--shuffle", "false", "--steps", "9",
+                               "--grad-reduce-dtype", "bf16"});
   std::ofstream(d.path / "resolved.cfg") << to_ini(c);
   const TrainConfig back = parse({"--config", (d.path / "resolved.cfg").string()});
+  EXPECT_EQ(back.grad_reduce_dtype, "bf16");
   EXPECT_EQ(to_ini(back), to_ini(c));
 }
 

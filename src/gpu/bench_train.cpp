@@ -91,7 +91,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                             int64_t seq, int64_t steps, int64_t warmup, const std::string& dtype,
                             const std::string& recompute, const std::string& attention, bool nondet,
                             const std::string& offload, const std::string& weights, const std::string& mem_limit,
-                            int threads, bool delayed) {
+                            int threads, bool delayed, const std::string& grad_reduce) {
   const bool root = comm.rank() == 0;
   const int count = cuda::device_count();
   if (comm.local_size() > count)
@@ -108,17 +108,19 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   opt.model.nondeterministic_attention = nondet;
   opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
   opt.delayed_update = delayed;
+  opt.grad_wire_dtype = gpu::ZeroEngine::grad_wire_dtype_from_name(grad_reduce);
   gpu::ZeroEngine::apply_placement(&opt, offload, weights, recompute, cfg, comm.size());
   const gpu::ZeroMemoryPlan plan = gpu::ZeroEngine::plan(cfg, opt, comm.size());
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.local_rank() % count));
   if (root) {
     std::printf("[bench] %s x %d rank%s | %s shape: %.3f B parameters | seq %lld per rank | %s | recompute %s | "
-                "offload %s | weights %s%s%s\n",
+                "offload %s | weights %s | grad reduce %s%s%s\n",
                 prop.name, comm.size(), comm.size() == 1 ? "" : "s", model.c_str(), double(table.num_parameters()) / 1e9,
                 (long long)seq, dtype.c_str(), opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
                 offload.c_str(), opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed",
-                mem_limit.empty() ? "" : " | gpu-mem-limit ", mem_limit.c_str());
+                comm.size() == 1 ? "unused (one rank)" : grad_reduce.c_str(), mem_limit.empty() ? "" : " | gpu-mem-limit ",
+                mem_limit.c_str());
     std::printf("[bench] memory plan per rank: %s\n", plan.describe().c_str());
   }
   const AdamWConfig adamw{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0};
@@ -163,15 +165,15 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 "\"dtype\":\"%s\",\"recompute\":\"%s\",\"weights\":\"%s\",\"gpu_mem_limit\":\"%s\",\"step_s\":%.4f,"
                 "\"tokens_per_s\":%.1f,\"tokens_per_s_per_gpu\":%.1f,\"mfu_vs_790\":%.3f,\"peak_gib\":%.2f,"
                 "\"planned_device_gib\":%.2f,\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_weights_s\":%.4f,"
-                "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"reduce_scatter_s\":%.4f,\"reduce_scatter_algbw_gbps\":%.1f,"
-                "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"loss\":%.4f}\n",
+                "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"grad_reduce_dtype\":\"%s\",\"reduce_scatter_s\":%.4f,"
+                "\"reduce_scatter_algbw_gbps\":%.1f,\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"loss\":%.4f}\n",
                 model.c_str(), (long long)seq, offload == "none" ? "gpu" : "offload", comm.size(), dtype.c_str(),
                 opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
                 opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed", mem_limit.c_str(), step_s, tps,
                 tps / comm.size(), tps / comm.size() * fpt / 790e12, peak[0],
                 double(plan.device_total()) / double(1ull << 30), median(from(compute)), median(from(cpu_opt)),
-                median(from(wait_w)), median(from(wait_g)), delayed ? "true" : "false", median(from(comm_s)),
-                algbw, algbw * double(comm.size() - 1) / double(comm.size()), double(numa.total()) / double(1ull << 30),
+                median(from(wait_w)), median(from(wait_g)), delayed ? "true" : "false", grad_reduce.c_str(),
+                median(from(comm_s)), algbw, algbw * double(comm.size() - 1) / double(comm.size()), double(numa.total()) / double(1ull << 30),
                 loss.mean());
     std::printf("[RESULT] peak VRAM per GPU: %.2f GiB (planned %.2f GiB)\n", peak[0],
                 double(plan.device_total()) / double(1ull << 30));
@@ -188,7 +190,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
 
 int run_bench_train(int argc, char** argv) {
   std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto", offload = "none",
-              weights = "resident", mem_limit;
+              weights = "resident", mem_limit, grad_reduce = "fp32";
   int64_t seq = 16384, steps = 5, warmup = 2;
   int threads = 0;
   bool nondet = false, delayed = false;
@@ -208,11 +210,14 @@ int run_bench_train(int argc, char** argv) {
       ("weights", po::value(&weights)->default_value(weights), "resident | streamed (per layer, ZeRO-3)")
       ("gpu-mem-limit", po::value(&mem_limit), "cap this rank's device memory, e.g. 16GiB")
       ("delayed-update", po::bool_switch(&delayed), "--offload optimizer: overlap the CPU update with the next step (DPU)")
+      ("grad-reduce-dtype", po::value(&grad_reduce)->default_value(grad_reduce),
+       "fp32 | bf16 (half the bytes of the gradient reduce-scatter; summed in bf16; one rank: unused)")
       ("threads", po::value(&threads)->default_value(threads), "host threads for the CPU optimizer (0: all)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
   if (seq < 2) throw ConfigError("--seq-len: expected at least 2, got " + std::to_string(seq));
   if (steps <= warmup) throw ConfigError("--steps: expected more than --warmup");
+  (void)gpu::ZeroEngine::grad_wire_dtype_from_name(grad_reduce);  // refused before looking for a GPU
   if (cuda::device_count() == 0) throw ConfigError("bench train: expected a CUDA GPU, found none");
 
   const LlamaConfig cfg = gpu::llama_shape_by_name(model);
@@ -220,7 +225,7 @@ int run_bench_train(int argc, char** argv) {
   std::unique_ptr<Comm> comm = make_comm();
   if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty() || delayed)
     return run_bench_train_sharded(cfg, table, *comm, model, seq, steps, warmup, dtype, recompute, attention, nondet,
-                                   offload, weights, mem_limit, threads, delayed);
+                                   offload, weights, mem_limit, threads, delayed, grad_reduce);
   gpu::GpuEngineOptions opt;
   if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
   else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;

@@ -24,6 +24,7 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 // Sizes shared by plan() and the constructor.
 struct Sizes {
   int64_t total_len = 0, shard_len = 0, max_layer = 0, embed = 0, head = 0, max_piece = 0;
+  int64_t max_block() const { return std::max({max_layer, embed, head}); }
   Sizes(const ParamTable& t, int world) {
     const ShardLayout layout(t.total_elements(), world);
     total_len = layout.total_len;
@@ -42,6 +43,8 @@ bool direct_grads(const ZeroEngineOptions& opt, int world) {
   // One rank, optimizer on the GPU: the model adds straight into the shard's accumulator.
   return world == 1 && opt.optimizer == OptimizerPlace::kDevice;
 }
+
+bool bf16_wire(const ZeroEngineOptions& opt, int world) { return world > 1 && opt.grad_wire_dtype == DType::BF16; }
 
 }  // namespace
 
@@ -74,6 +77,8 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
     p.grads = kGradSlots * align_up(size_t(z.max_layer) * 4) + align_up(size_t(z.embed) * 4) +
               align_up(size_t(z.head) * 4);
     if (world > 1) p.grads += align_up(size_t(z.max_piece) * 4);
+    // bf16 wire: the block converted for the reduce-scatter, and the reduced piece before widening.
+    if (bf16_wire(opt, world)) p.grads += align_up(size_t(z.max_block()) * 2) + align_up(size_t(z.max_piece) * 2);
   }
   p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
   p.library = kLibraryAllowance + (world > 1 ? kNcclAllowance : 0);
@@ -96,6 +101,12 @@ void ZeroEngine::apply_placement(ZeroEngineOptions* opt, const std::string& offl
   else throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
   if (recompute == "auto" && double(plan(cfg, *opt, world).device_total()) > 0.95 * double(device_memory_info().free))
     opt->model.recompute = Recompute::kLayer;
+}
+
+DType ZeroEngine::grad_wire_dtype_from_name(const std::string& name) {
+  if (name == "fp32") return DType::F32;
+  if (name == "bf16") return DType::BF16;
+  throw ConfigError("--grad-reduce-dtype: expected fp32 or bf16, got '" + name + "'");
 }
 
 struct ZeroEngine::Block {
@@ -153,6 +164,8 @@ class ZeroEngine::Access final : public GpuParamAccess {
   std::vector<int> slot_of;  // per block, -1 if not in a slot
   std::vector<int> grad_touched;  // per block: zeroed this micro-batch
   float* piece = nullptr;         // reduce-scatter output (world > 1)
+  uint16_t* wire = nullptr;       // bf16 wire: the block's gradient in bf16 (the largest block)
+  uint16_t* wire_piece = nullptr; // bf16 wire: this rank's reduced piece, before widening to fp32
   float* host_staging = nullptr;  // kHost, later micro-batches: D2H target before the CPU adds
   std::unique_ptr<PinnedBuffer> host_staging_holder;
 
@@ -163,6 +176,7 @@ class ZeroEngine::Access final : public GpuParamAccess {
   }
   int fetch_into_slot(int block);
   void prefetch(int block);
+  void release_grad_slot(const ZeroEngine::Block& b);
 
  private:
   ZeroEngine& e_;
@@ -292,14 +306,25 @@ void ZeroEngine::Access::grads_done(int block) {
   CUDA_CHECK(cudaEventRecord(grads_done_ev[size_t(block)], e.compute_));
   CUDA_CHECK(cudaStreamWaitEvent(gs, grads_done_ev[size_t(block)], 0));
   const bool first = e.micro_index_ == 0;
+  const bool bf16 = bf16_wire(e.opt_, e.world_);
   // This rank's reduced piece, on the device.
   const float* piece_dev = b.grad;  // one rank: the whole block is the piece
   if (e.world_ > 1) {
     float* out = piece;
     if (e.opt_.optimizer == OptimizerPlace::kDevice && first) out = e.d_grad_ + b.shard_offset;
-    CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
-    e.grad_comm_->reduce_scatter_v(out, b.grad, b.counts, DType::F32, gs);
-    CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+    if (bf16) {
+      // Half the bytes on the wire; NCCL sums in bf16, the piece is widened back into the fp32 path.
+      cuda::convert_f32(wire, DType::BF16, b.grad, b.len(), gs);
+      release_grad_slot(b);  // the rest reads the bf16 copy: the next backward may refill the slot meanwhile
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
+      e.grad_comm_->reduce_scatter_v(wire_piece, wire, b.counts, DType::BF16, gs);
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+      cuda::convert_to_f32(out, wire_piece, DType::BF16, b.piece_len, gs);
+    } else {
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
+      e.grad_comm_->reduce_scatter_v(out, b.grad, b.counts, DType::F32, gs);
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+    }
     comm_timed[size_t(block)] = 1;
     piece_dev = out;
   }
@@ -333,7 +358,12 @@ void ZeroEngine::Access::grads_done(int block) {
       });
     }
   }
-  if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, gs));
+  if (!bf16) release_grad_slot(b);
+}
+
+void ZeroEngine::Access::release_grad_slot(const ZeroEngine::Block& b) {
+  // The grad stream's last read of b.grad is enqueued: the compute stream may zero the slot after it.
+  if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, e_.grad_stream_));
 }
 
 // ---- engine -------------------------------------------------------------------------------------
@@ -350,8 +380,9 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
   if (opt.delayed_update && (opt.optimizer != OptimizerPlace::kHost || opt.weights != WeightPlace::kResident))
     throw ConfigError("--delayed-update: expected --offload optimizer with resident weights (it overlaps the CPU "
                       "update with the next step; streamed weights would read the host copy while it is rewritten)");
-  if (opt.grad_wire_dtype != DType::F32)
-    throw ConfigError("--grad-reduce-dtype: only fp32 is implemented, got " + std::string(dtype_name(opt.grad_wire_dtype)));
+  if (opt.grad_wire_dtype != DType::F32 && opt.grad_wire_dtype != DType::BF16)
+    throw ConfigError("--grad-reduce-dtype: expected fp32 or bf16, got " +
+                      std::string(dtype_name(opt.grad_wire_dtype)));
   plan_ = plan(cfg, opt, world_);
   const DeviceMemoryInfo mem = device_memory_info();
   baseline_used_ = mem.total - mem.free;
@@ -430,6 +461,10 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
       CUDA_CHECK(cudaEventRecord(gs.consumed, grad_stream_));
     }
     if (world_ > 1) A.piece = arena_.take_n<float>(z.max_piece);
+    if (bf16_wire(opt, world_)) {
+      A.wire = arena_.take_n<uint16_t>(z.max_block());
+      A.wire_piece = arena_.take_n<uint16_t>(z.max_piece);
+    }
   }
   for (int bi = 0; bi < table.num_blocks(); ++bi) {
     Block& b = blocks_[size_t(bi)];
@@ -655,7 +690,7 @@ GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches
     if (A.comm_timed[bi]) {
       CUDA_CHECK(cudaEventElapsedTime(&ms, A.comm_ev[bi].first, A.comm_ev[bi].second));
       timeline_.comm += ms * 1e-3;
-      timeline_.comm_bytes += double(blocks_[bi].len()) * 4;
+      timeline_.comm_bytes += double(blocks_[bi].len()) * double(dtype_size(opt_.grad_wire_dtype));
     }
 
   bool nonfinite = false;

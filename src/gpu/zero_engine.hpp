@@ -55,7 +55,9 @@ struct ZeroEngineOptions {
   GpuModelOptions model;
   OptimizerPlace optimizer = OptimizerPlace::kHost;
   WeightPlace weights = WeightPlace::kResident;
-  DType grad_wire_dtype = DType::F32;  // reduce-scatter dtype (F32 or BF16); world size 1: unused
+  // Reduce-scatter dtype: F32, or BF16 (half the bytes; NCCL sums in bf16, so the rounding grows
+  // with the rank count; accumulation stays fp32). World size 1: unused.
+  DType grad_wire_dtype = DType::F32;
   bool delayed_update = false;         // kHost + kResident only: see the header comment
   double initial_loss_scale = 65536.0;
   int64_t loss_scale_window = 2000;
@@ -86,7 +88,7 @@ struct ZeroTimeline {
   double wait_grads = 0;     // after backward: waiting for the last gradients to reach their owner
   double wait_weights = 0;   // host time in weight fetches, the pending CPU updates they run included
   double comm = 0;           // seconds inside the gradient reduce-scatters (grad stream, events)
-  double comm_bytes = 0;     // their fp32 input bytes (algbw = comm_bytes / comm)
+  double comm_bytes = 0;     // their input bytes in the wire dtype (algbw = comm_bytes / comm)
 };
 
 class ZeroEngine {
@@ -97,6 +99,9 @@ class ZeroEngine {
   // train and bench, into opt (ConfigError for other values). The rest of opt must be set.
   static void apply_placement(ZeroEngineOptions* opt, const std::string& offload, const std::string& weights,
                               const std::string& recompute, const LlamaConfig& cfg, int world);
+  // The --grad-reduce-dtype option (fp32 | bf16) of train and bench (ConfigError for other values).
+  // Set it before apply_placement: the bf16 buffers count in the plan that --recompute auto reads.
+  static DType grad_wire_dtype_from_name(const std::string& name);
 
   // state: this rank's shard (already holding the initial or resumed weights). Throws ConfigError
   // with the plan's numbers when the device memory does not suffice.

@@ -13,6 +13,7 @@ DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
   o.offload = cfg.offload;
   o.weights = cfg.weights;
   o.delayed_update = cfg.delayed_update;
+  o.grad_reduce_dtype = cfg.grad_reduce_dtype;
   if (!cfg.gpu_mem_limit.empty()) o.gpu_mem_limit = parse_byte_size(cfg.gpu_mem_limit, "gpu-mem-limit");
   o.max_tokens = cfg.seq_len * cfg.micro_batch;
   o.adamw = cfg.adamw;

@@ -60,6 +60,7 @@ struct DeviceEngineOptions {
   std::string offload = "none";    // none | optimizer | params
   std::string weights = "resident";  // resident | streamed
   bool delayed_update = false;      // offload optimizer only
+  std::string grad_reduce_dtype = "fp32";  // fp32 | bf16: the gradient reduce-scatter between ranks
   int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
   int64_t max_tokens = 0;          // rows x seq_len of the largest micro-batch
   AdamWConfig adamw;               // training only (evaluation uploads weights, never steps)

@@ -34,7 +34,7 @@ const std::map<std::string, std::string>& option_sections() {
       {"log-every", "train"},       {"threads", "train"},         {"stop-after", "train"},
       {"device", "gpu"},            {"dtype", "gpu"},             {"recompute", "gpu"},
       {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
-      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},
+      {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},    {"grad-reduce-dtype", "gpu"},
   };
   return sections;
 }
@@ -82,6 +82,7 @@ po::options_description make_description(TrainConfig* c) {
       ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
       ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
       ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
+      ("grad-reduce-dtype", po::value(&c->grad_reduce_dtype), "[gpu] dtype of the gradient reduce-scatter between ranks: fp32 (default) or bf16 (half the bytes on the wire; the sum over ranks is rounded to bf16, more so with more ranks; one rank: unused)")
       ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)");
   return desc;
 }
@@ -212,6 +213,8 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   if (!c.gpu_mem_limit.empty()) parse_byte_size(c.gpu_mem_limit, "gpu-mem-limit");
   require(!c.delayed_update || (c.offload == "optimizer" && c.weights == "resident"), "delayed-update",
           "--offload optimizer with --weights resident", "--offload " + c.offload + " --weights " + c.weights);
+  require(c.grad_reduce_dtype == "fp32" || c.grad_reduce_dtype == "bf16", "grad-reduce-dtype", "fp32 or bf16",
+          "'" + c.grad_reduce_dtype + "'");
   *out = c;
   return true;
 }
@@ -261,7 +264,8 @@ std::string to_ini(const TrainConfig& c) {
   s << "\n[gpu]\n";
   s << "device = " << c.device << "\ndtype = " << c.dtype << "\nrecompute = " << c.recompute << "\nattention = "
     << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights
-    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false") << "\n";
+    << "\ndelayed-update = " << (c.delayed_update ? "true" : "false") << "\ngrad-reduce-dtype = " << c.grad_reduce_dtype
+    << "\n";
   if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
   // stop-after belongs to one invocation, not to the run: not saved.
   return s.str();
