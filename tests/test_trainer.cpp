@@ -155,6 +155,8 @@ TEST(TrainConfigParse, ConfigFileCommandLineOverridesAndErrors) {
 
   EXPECT_NE(parse_error({"--lr", "-1"}).find("--lr: expected a positive number"), std::string::npos);
   EXPECT_NE(parse_error({"--schedule", "cosin"}).find("constant, cosine or linear"), std::string::npos);
+  EXPECT_NE(parse_error({"--grad-reduce-dtype", "fp16"}).find("--grad-reduce-dtype: expected fp32 or bf16, got 'fp16'"),
+            std::string::npos);
   EXPECT_NE(parse_error({"--seq-lenn", "5"}).find("did you mean --seq-len"), std::string::npos);
   EXPECT_NE(parse_error({"--data", "x.h5"}).find("--model-dir"), std::string::npos);
   EXPECT_NE(parse_error({"--model-dir", "m"}).find("--steps"), std::string::npos);
@@ -168,9 +170,11 @@ TEST(TrainConfigParse, ConfigFileCommandLineOverridesAndErrors) {
 TEST(TrainConfigParse, ResolvedIniParsesBackToTheSameConfig) {
   TempDir d;
   const TrainConfig c = parse({"--seq-len", "200", "--lr", "0.0007", "--shuffle", "false", "--steps", "9",
-                               "--offload-activations", "true", "--mlp-chunk", "4096"});
+                               "--offload-activations", "true", "--mlp-chunk", "4096", "--grad-reduce-dtype", "bf16",
+                               "--offload", "optimizer", "--host-grad-dtype", "bf16", "--host-weights", "master"});
   std::ofstream(d.path / "resolved.cfg") << to_ini(c);
   const TrainConfig back = parse({"--config", (d.path / "resolved.cfg").string()});
+  EXPECT_EQ(back.grad_reduce_dtype, "bf16");
   EXPECT_EQ(to_ini(back), to_ini(c));
   EXPECT_TRUE(back.offload_activations);
   EXPECT_EQ(back.mlp_chunk, 4096);

@@ -239,7 +239,7 @@ void reduce(double* out, int32_t* out_flag, const float* x, const DeviceOptimRan
   CUDA_CHECK_LAUNCH();
 }
 
-// ---- convert_f32 -------------------------------------------------------------------------------
+// ---- convert_f32, convert_to_f32 ---------------------------------------------------------------
 
 template <int OUT>
 __global__ void convert_kernel(uint16_t* __restrict__ out, const float* __restrict__ inp, int64_t n, bool vec4) {
@@ -256,6 +256,41 @@ __global__ void convert_kernel(uint16_t* __restrict__ out, const float* __restri
     done = units * 4;
   }
   for (int64_t i = done + t; i < n; i += stride) out[i] = to_out<OUT>(inp[i]);
+}
+
+// src/common/dtype.hpp bf16_to_float and dtype.cpp fp16_to_float, bit for bit.
+template <DType IN>
+__device__ __forceinline__ float widen(uint16_t h) {
+  if constexpr (IN == DType::BF16) {
+    return __uint_as_float(uint32_t(h) << 16);
+  } else {
+    const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    const uint32_t mant = h & 0x3ffu;
+    if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact
+      const float f = __fmul_rn(__uint2float_rn(mant), 5.9604644775390625e-8f);
+      return sign ? -f : f;
+    }
+    if (exp == 31) return __uint_as_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+    return __uint_as_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  }
+}
+
+template <DType IN>
+__global__ void widen_kernel(float* __restrict__ out, const uint16_t* __restrict__ inp, int64_t n, bool vec4) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t done = 0;
+  if (vec4) {
+    const int64_t units = n / 4;
+    for (int64_t u = t; u < units; u += stride) {
+      const uint2 h = *reinterpret_cast<const uint2*>(inp + 4 * u);
+      *reinterpret_cast<float4*>(out + 4 * u) = make_float4(widen<IN>(uint16_t(h.x)), widen<IN>(uint16_t(h.x >> 16)),
+                                                            widen<IN>(uint16_t(h.y)), widen<IN>(uint16_t(h.y >> 16)));
+    }
+    done = units * 4;
+  }
+  for (int64_t i = done + t; i < n; i += stride) out[i] = widen<IN>(inp[i]);
 }
 
 int grid_for(int64_t work_units) {
@@ -322,6 +357,20 @@ void convert_f32(uint16_t* out, DType out_dtype, const float* inp, int64_t n, cu
   const int grid = grid_for(vec4 ? (n + 3) / 4 : n);
   if (out_dtype == DType::BF16) convert_kernel<kOutBF16><<<grid, kThreads, 0, stream>>>(out, inp, n, vec4);
   else convert_kernel<kOutF16><<<grid, kThreads, 0, stream>>>(out, inp, n, vec4);
+  CUDA_CHECK_LAUNCH();
+}
+
+void convert_to_f32(float* out, const uint16_t* inp, DType inp_dtype, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  if (inp_dtype == DType::F32) {
+    CUDA_CHECK(cudaMemcpyAsync(out, inp, size_t(n) * sizeof(float), cudaMemcpyDeviceToDevice, stream));
+    return;
+  }
+  LT_CHECK(inp_dtype == DType::BF16 || inp_dtype == DType::F16, "convert_to_f32: input must be BF16, F16 or F32");
+  const bool vec4 = aligned(inp, 8) && aligned(out, 16);
+  const int grid = grid_for(vec4 ? (n + 3) / 4 : n);
+  if (inp_dtype == DType::BF16) widen_kernel<DType::BF16><<<grid, kThreads, 0, stream>>>(out, inp, n, vec4);
+  else widen_kernel<DType::F16><<<grid, kThreads, 0, stream>>>(out, inp, n, vec4);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -49,6 +49,11 @@ void sum_deterministic(double* out, const float* x, int64_t n, void* scratch, cu
 // x[i] = fp32 -> storage dtype conversions of whole flat arrays (weights to the compute copy).
 void convert_f32(uint16_t* out, DType out_dtype, const float* inp, int64_t n, cudaStream_t stream);
 
+// out[i] = inp[i] (bf16 or fp16; F32 copies) widened to fp32, exact (NaN payloads kept): a gradient
+// piece reduced in bf16 back into the fp32 accumulators. CPU twin: longtune::convert_to_f32 in
+// src/common/dtype.hpp, bit for bit.
+void convert_to_f32(float* out, const uint16_t* inp, DType inp_dtype, int64_t n, cudaStream_t stream);
+
 // acc[i] += x[i] (fp32): a rank's gradient shard accumulating one micro-batch's reduced piece.
 // CPU twin: accumulate_f32 in kernels/cpu/elementwise.hpp.
 void accumulate_f32(float* acc, const float* x, int64_t n, cudaStream_t stream);

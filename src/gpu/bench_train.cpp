@@ -99,14 +99,22 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// The command line of `bench train`.
+struct BenchTrainArgs {
+  std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto", offload = "none",
+              weights = "resident", mem_limit, host_grad = "fp32", host_weights = "copy", grad_reduce = "fp32";
+  int64_t seq = 16384, steps = 5, warmup = 2, mlp_chunk = 0;
+  int threads = 0;
+  bool nondet = false, delayed = false, offload_activations = false;
+};
+
 // Several ranks (one GPU each, NCCL) and/or offload: gpu::ZeroEngine on a ShardedTrainState, as
 // `train` builds it. Weak scaling: every rank trains on its own --seq-len tokens per step.
-int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Comm& comm, const std::string& model,
-                            int64_t seq, int64_t steps, int64_t warmup, const std::string& dtype,
-                            const std::string& recompute, const std::string& attention, bool nondet,
-                            const std::string& offload, const std::string& weights, const std::string& mem_limit,
-                            int threads, bool delayed, const std::string& host_grad, const std::string& host_weights,
-                            bool offload_activations, int64_t mlp_chunk) {
+int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Comm& comm, const BenchTrainArgs& a) {
+  const std::string &model = a.model, &dtype = a.dtype, &offload = a.offload, &mem_limit = a.mem_limit,
+                    &host_grad = a.host_grad, &host_weights = a.host_weights, &grad_reduce = a.grad_reduce;
+  const int64_t seq = a.seq, steps = a.steps, warmup = a.warmup;
+  const bool delayed = a.delayed;
   const bool root = comm.rank() == 0;
   const int count = cuda::device_count();
   if (comm.local_size() > count)
@@ -114,30 +122,32 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                       " ranks on this node and " + std::to_string(count) + " GPUs");
   CUDA_CHECK(cudaSetDevice(comm.local_rank() % count));
   if (!mem_limit.empty()) gpu::limit_device_memory(size_t(parse_byte_size(mem_limit, "--gpu-mem-limit")));
-  KokkosScope kokkos(threads);
+  KokkosScope kokkos(a.threads);
   gpu::ZeroEngineOptions opt;
   if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
   else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;
   else throw ConfigError("--dtype: expected bf16 or fp16, got " + dtype);
   opt.model.max_tokens = seq;
-  opt.model.nondeterministic_attention = nondet;
-  opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
+  opt.model.nondeterministic_attention = a.nondet;
+  opt.model.attention_kernel = gpu::attention_kernel_from_name(a.attention);
   opt.delayed_update = delayed;
-  opt.model.offload_activations = offload_activations;
-  opt.model.mlp_chunk = mlp_chunk;
-  gpu::ZeroEngine::apply_placement(&opt, offload, weights, recompute, cfg, comm.size());
+  opt.model.offload_activations = a.offload_activations;
+  opt.model.mlp_chunk = a.mlp_chunk;
+  opt.grad_wire_dtype = gpu::ZeroEngine::grad_wire_dtype_from_name(grad_reduce);
+  gpu::ZeroEngine::apply_placement(&opt, offload, a.weights, a.recompute, cfg, comm.size());
   gpu::ZeroEngine::apply_host_state(&opt, host_grad, host_weights);
   const gpu::ZeroMemoryPlan plan = gpu::ZeroEngine::plan(cfg, opt, comm.size());
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, comm.local_rank() % count));
   if (root) {
     std::printf("[bench] %s x %d rank%s | %s shape: %.3f B parameters | seq %lld per rank | %s | recompute %s%s | "
-                "offload %s | weights %s%s%s\n",
+                "offload %s | weights %s | grad reduce %s%s%s\n",
                 prop.name, comm.size(), comm.size() == 1 ? "" : "s", model.c_str(), double(table.num_parameters()) / 1e9,
                 (long long)seq, dtype.c_str(), opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
                 activation_options_text(opt.model).c_str(), offload.c_str(),
                 opt.weights == gpu::WeightPlace::kResident ? "resident" : "streamed",
-                mem_limit.empty() ? "" : " | gpu-mem-limit ", mem_limit.c_str());
+                comm.size() == 1 ? "unused (one rank)" : grad_reduce.c_str(), mem_limit.empty() ? "" : " | gpu-mem-limit ",
+                mem_limit.c_str());
     std::printf("[bench] memory plan per rank: %s\n", plan.describe().c_str());
   }
   const AdamWConfig adamw{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0};
@@ -183,7 +193,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 "\"dtype\":\"%s\",\"recompute\":\"%s\",\"weights\":\"%s\",\"gpu_mem_limit\":\"%s\",\"step_s\":%.4f,"
                 "\"tokens_per_s\":%.1f,\"tokens_per_s_per_gpu\":%.1f,\"mfu_vs_790\":%.3f,\"peak_gib\":%.2f,"
                 "\"planned_device_gib\":%.2f,\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_weights_s\":%.4f,"
-                "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"host_grad_dtype\":\"%s\",\"host_weights\":\"%s\",\"reduce_scatter_s\":%.4f,\"reduce_scatter_algbw_gbps\":%.1f,"
+                "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"host_grad_dtype\":\"%s\",\"host_weights\":\"%s\",\"grad_reduce_dtype\":\"%s\",\"reduce_scatter_s\":%.4f,\"reduce_scatter_algbw_gbps\":%.1f,"
                 "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"offload_activations\":%s,\"mlp_chunk\":%lld,"
                 "\"planned_host_pinned_gib\":%.2f,\"loss\":%.4f}\n",
                 model.c_str(), (long long)seq, offload == "none" ? "gpu" : "offload", comm.size(), dtype.c_str(),
@@ -192,7 +202,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 tps / comm.size(), tps / comm.size() * fpt / 790e12, peak[0],
                 double(plan.device_total()) / double(1ull << 30), median(from(compute)), median(from(cpu_opt)),
                 median(from(wait_w)), median(from(wait_g)), delayed ? "true" : "false", host_grad.c_str(),
-                host_weights.c_str(), median(from(comm_s)),
+                host_weights.c_str(), grad_reduce.c_str(), median(from(comm_s)),
                 algbw, algbw * double(comm.size() - 1) / double(comm.size()), double(numa.total()) / double(1ull << 30),
                 opt.model.offload_activations ? "true" : "false", (long long)effective_mlp_chunk(opt.model),
                 double(plan.host_pinned) / double(1ull << 30), loss.mean());
@@ -210,77 +220,73 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
 }  // namespace
 
 int run_bench_train(int argc, char** argv) {
-  std::string model = "1b", dtype = "bf16", recompute = "auto", attention = "auto", offload = "none",
-              weights = "resident", mem_limit, host_grad = "fp32", host_weights = "copy";
-  int64_t seq = 16384, steps = 5, warmup = 2;
-  int64_t mlp_chunk = 0;
-  int threads = 0;
-  bool nondet = false, delayed = false, offload_activations = false;
+  BenchTrainArgs a;
   po::options_description desc("longtune bench train: single-GPU training step on a Llama shape (random weights)");
   desc.add_options()("help,h", "this text")
-      ("model", po::value(&model)->default_value(model), "1b | 3b | 8b (Llama 3.x shapes) or a model directory")
-      ("seq-len", po::value(&seq)->default_value(seq), "tokens per step (one sequence)")
-      ("steps", po::value(&steps)->default_value(steps), "steps in all (the median of those after --warmup is reported)")
-      ("warmup", po::value(&warmup)->default_value(warmup), "untimed first steps")
-      ("dtype", po::value(&dtype)->default_value(dtype), "bf16 | fp16")
-      ("recompute", po::value(&recompute)->default_value(recompute),
+      ("model", po::value(&a.model)->default_value(a.model), "1b | 3b | 8b (Llama 3.x shapes) or a model directory")
+      ("seq-len", po::value(&a.seq)->default_value(a.seq), "tokens per step (one sequence)")
+      ("steps", po::value(&a.steps)->default_value(a.steps), "steps in all (the median of those after --warmup is reported)")
+      ("warmup", po::value(&a.warmup)->default_value(a.warmup), "untimed first steps")
+      ("dtype", po::value(&a.dtype)->default_value(a.dtype), "bf16 | fp16")
+      ("recompute", po::value(&a.recompute)->default_value(a.recompute),
        "none (keep activations) | layer (keep layer inputs, recompute) | auto (none when it fits)")
-      ("attention", po::value(&attention)->default_value(attention), "attention kernel: auto | tensor-core | sm75 (fp16)")
-      ("nondeterministic-attention", po::bool_switch(&nondet), "fp32 atomics in attention backward (faster)")
-      ("offload", po::value(&offload)->default_value(offload),
+      ("attention", po::value(&a.attention)->default_value(a.attention), "attention kernel: auto | tensor-core | sm75 (fp16)")
+      ("nondeterministic-attention", po::bool_switch(&a.nondet), "fp32 atomics in attention backward (faster)")
+      ("offload", po::value(&a.offload)->default_value(a.offload),
        "none | optimizer (fp32 state and AdamW on the host) | params (and the weights streamed from the host)")
-      ("weights", po::value(&weights)->default_value(weights), "resident | streamed (per layer, ZeRO-3)")
-      ("gpu-mem-limit", po::value(&mem_limit), "cap this rank's device memory, e.g. 16GiB")
-      ("delayed-update", po::bool_switch(&delayed), "--offload optimizer: overlap the CPU update with the next step (DPU)")
-      ("offload-activations", po::bool_switch(&offload_activations),
+      ("weights", po::value(&a.weights)->default_value(a.weights), "resident | streamed (per layer, ZeRO-3)")
+      ("gpu-mem-limit", po::value(&a.mem_limit), "cap this rank's device memory, e.g. 16GiB")
+      ("delayed-update", po::bool_switch(&a.delayed), "--offload optimizer: overlap the CPU update with the next step (DPU)")
+      ("offload-activations", po::bool_switch(&a.offload_activations),
        "recompute layer/auto: the saved layer inputs in pinned host memory (auto drops it when it keeps everything)")
-      ("mlp-chunk", po::value(&mlp_chunk)->default_value(mlp_chunk), "recompute layer/auto: tokens per MLP tile (0: one tile)")
-      ("threads", po::value(&threads)->default_value(threads), "host threads for the CPU optimizer (0: all)")
-      ("host-grad-dtype", po::value(&host_grad)->default_value(host_grad), "--offload: host gradients fp32 | bf16")
-      ("host-weights", po::value(&host_weights)->default_value(host_weights),
+      ("mlp-chunk", po::value(&a.mlp_chunk)->default_value(a.mlp_chunk), "recompute layer/auto: tokens per MLP tile (0: one tile)")
+      ("threads", po::value(&a.threads)->default_value(a.threads), "host threads for the CPU optimizer (0: all)")
+      ("grad-reduce-dtype", po::value(&a.grad_reduce)->default_value(a.grad_reduce),
+       "fp32 | bf16 (half the bytes of the gradient reduce-scatter; summed in bf16; one rank: unused)")
+      ("host-grad-dtype", po::value(&a.host_grad)->default_value(a.host_grad), "--offload: host gradients fp32 | bf16")
+      ("host-weights", po::value(&a.host_weights)->default_value(a.host_weights),
        "--offload: copy (bf16 copy of the shard on the host) | master (fetch the fp32 master, convert on the GPU)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;
-  if (seq < 2) throw ConfigError("--seq-len: expected at least 2, got " + std::to_string(seq));
-  if (steps <= warmup) throw ConfigError("--steps: expected more than --warmup");
-  if (mlp_chunk < 0) throw ConfigError("--mlp-chunk: expected a token count >= 0 (0: no tiling), got " + std::to_string(mlp_chunk));
+  if (a.seq < 2) throw ConfigError("--seq-len: expected at least 2, got " + std::to_string(a.seq));
+  if (a.steps <= a.warmup) throw ConfigError("--steps: expected more than --warmup");
+  if (a.mlp_chunk < 0) throw ConfigError("--mlp-chunk: expected a token count >= 0 (0: no tiling), got " + std::to_string(a.mlp_chunk));
+  (void)gpu::ZeroEngine::grad_wire_dtype_from_name(a.grad_reduce);  // refused before looking for a GPU
   if (cuda::device_count() == 0) throw ConfigError("bench train: expected a CUDA GPU, found none");
 
-  const LlamaConfig cfg = gpu::llama_shape_by_name(model);
+  const LlamaConfig cfg = gpu::llama_shape_by_name(a.model);
   const ParamTable table(cfg);
   std::unique_ptr<Comm> comm = make_comm();
-  if (comm->size() > 1 || offload != "none" || weights != "resident" || !mem_limit.empty() || delayed)
-    return run_bench_train_sharded(cfg, table, *comm, model, seq, steps, warmup, dtype, recompute, attention, nondet,
-                                   offload, weights, mem_limit, threads, delayed, host_grad, host_weights,
-                                   offload_activations, mlp_chunk);
+  if (comm->size() > 1 || a.offload != "none" || a.weights != "resident" || !a.mem_limit.empty() || a.delayed)
+    return run_bench_train_sharded(cfg, table, *comm, a);
   gpu::GpuEngineOptions opt;
-  if (dtype == "bf16") opt.model.compute_dtype = DType::BF16;
-  else if (dtype == "fp16") opt.model.compute_dtype = DType::F16;
-  else throw ConfigError("--dtype: expected bf16 or fp16, got " + dtype);
-  opt.model.max_tokens = seq;
-  opt.model.nondeterministic_attention = nondet;
-  opt.model.attention_kernel = gpu::attention_kernel_from_name(attention);
-  opt.model.offload_activations = offload_activations;
-  opt.model.mlp_chunk = mlp_chunk;
-  gpu::GpuEngine::apply_recompute(recompute, cfg, &opt);
+  if (a.dtype == "bf16") opt.model.compute_dtype = DType::BF16;
+  else if (a.dtype == "fp16") opt.model.compute_dtype = DType::F16;
+  else throw ConfigError("--dtype: expected bf16 or fp16, got " + a.dtype);
+  opt.model.max_tokens = a.seq;
+  opt.model.nondeterministic_attention = a.nondet;
+  opt.model.attention_kernel = gpu::attention_kernel_from_name(a.attention);
+  opt.model.offload_activations = a.offload_activations;
+  opt.model.mlp_chunk = a.mlp_chunk;
+  gpu::GpuEngine::apply_recompute(a.recompute, cfg, &opt);
   const gpu::GpuMemoryPlan plan = gpu::GpuEngine::plan(cfg, opt);
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::printf("[bench] %s | %s shape: %.3f B parameters | seq %lld | %s | recompute %s%s | attention %s%s\n",
-              prop.name, model.c_str(), double(table.num_parameters()) / 1e9, (long long)seq, dtype.c_str(),
+              prop.name, a.model.c_str(), double(table.num_parameters()) / 1e9, (long long)a.seq, a.dtype.c_str(),
               opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer", activation_options_text(opt.model).c_str(),
-              attention.c_str(), nondet ? " (nondeterministic dq)" : "");
+              a.attention.c_str(), a.nondet ? " (nondeterministic dq)" : "");
   std::printf("[bench] memory plan: %s\n", plan.describe().c_str());
 
   gpu::GpuEngine engine(cfg, table, AdamWConfig{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0}, opt);
   engine.init_random(1234);
 
-  const PackedBatch b = random_batch(cfg, seq, 0);
+  const PackedBatch b = random_batch(cfg, a.seq, 0);
   const int64_t targets = b.num_targets();
 
   std::vector<double> times;
   LossSum loss;
-  for (int64_t s = 1; s <= steps; ++s) {
+  for (int64_t s = 1; s <= a.steps; ++s) {
     engine.synchronize();
     const auto t0 = std::chrono::steady_clock::now();
     loss = engine.accumulate(b, targets);
@@ -289,17 +295,17 @@ int run_bench_train(int argc, char** argv) {
     times.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     std::printf("[bench] step %lld: %.3f s, loss %.4f\n", (long long)s, times.back(), loss.mean());
   }
-  std::vector<double> timed(times.begin() + warmup, times.end());
+  std::vector<double> timed(times.begin() + a.warmup, times.end());
   std::sort(timed.begin(), timed.end());
   const double step_s = timed[timed.size() / 2];
-  const double tps = double(seq) / step_s;
-  const double fpt = model_flops_per_token(cfg, seq);
+  const double tps = double(a.seq) / step_s;
+  const double fpt = model_flops_per_token(cfg, a.seq);
   const double peak_gib = double(engine.peak_device_bytes()) / double(1ull << 30);
   std::printf("RESULT {\"engine\":\"longtune\",\"model\":\"%s\",\"seq\":%lld,\"mode\":\"gpu\",\"dtype\":\"%s\","
               "\"recompute\":\"%s\",\"step_s\":%.4f,\"tokens_per_s\":%.1f,\"mfu_vs_790\":%.3f,\"mfu_vs_989\":%.3f,"
               "\"peak_gib\":%.2f,\"planned_device_gib\":%.2f,\"offload_activations\":%s,\"mlp_chunk\":%lld,"
               "\"planned_host_pinned_gib\":%.2f,\"loss\":%.4f}\n",
-              model.c_str(), (long long)seq, dtype.c_str(),
+              a.model.c_str(), (long long)a.seq, a.dtype.c_str(),
               opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer", step_s, tps, tps * fpt / 790e12,
               tps * fpt / 989e12, peak_gib, double(plan.total()) / double(1ull << 30),
               opt.model.offload_activations ? "true" : "false", (long long)effective_mlp_chunk(opt.model),
@@ -307,7 +313,7 @@ int run_bench_train(int argc, char** argv) {
   // The brief's benchmark-mode lines.
   std::printf("[RESULT] peak VRAM per GPU: %.2f GiB\n", peak_gib);
   std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, timed.size());
-  std::printf("[RESULT] tokens per iteration: %lld\n", (long long)seq);
+  std::printf("[RESULT] tokens per iteration: %lld\n", (long long)a.seq);
   std::printf("[RESULT] throughput: %.1f tokens/s\n", tps);
   std::printf("[RESULT] %s\n", format_numa_usage(host_memory_per_node()).c_str());  // "host memory per NUMA node: ..."
   return 0;

@@ -139,6 +139,7 @@ class ZeroDeviceEngine final : public DeviceEngine {
     return gpu_name(device_) + " | " + std::to_string(engine_.world()) + " rank" + (engine_.world() == 1 ? "" : "s") +
            " | " + (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | " +
            activations_text(opt_.model) + " | " + opt_place + " | " + w_place +
+           (engine_.world() > 1 && opt_.grad_wire_dtype == DType::BF16 ? " | gradients reduced in bf16" : "") +
            " | memory per rank: " + engine_.memory_plan().describe();
   }
   double peak_memory_gib() const override { return double(engine_.peak_device_bytes()) / double(1ull << 30); }
@@ -214,6 +215,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
   gpu::ZeroEngineOptions opt;
   opt.model = model_options(o);
   opt.delayed_update = o.delayed_update;
+  opt.grad_wire_dtype = gpu::ZeroEngine::grad_wire_dtype_from_name(o.grad_reduce_dtype);
   gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, o.recompute, model_cfg, comm.size());
   gpu::ZeroEngine::apply_host_state(&opt, o.host_grad_dtype, o.host_weights);
   return std::make_unique<ZeroDeviceEngine>(model_cfg, table, o.adamw, opt, state);

@@ -31,15 +31,16 @@ std::string Placement::train_options() const {
                   (recompute == Recompute::kNone ? "none" : "layer");
   if (offload_activations) s += " --offload-activations true";
   if (mlp_chunk > 0) s += " --mlp-chunk " + std::to_string(mlp_chunk);
+  if (lean_host) s += " --host-grad-dtype bf16 --host-weights master";
   return s;
 }
 
 std::vector<Placement> plan_placements(int64_t mlp_chunk) {
   const auto keep = [](std::string name, std::string offload, std::string weights) {
-    return Placement{std::move(name), std::move(offload), std::move(weights), Recompute::kNone, false, 0};
+    return Placement{std::move(name), std::move(offload), std::move(weights), Recompute::kNone, false, 0, false};
   };
   const auto layer = [](std::string name, std::string offload, std::string weights) {
-    return Placement{std::move(name), std::move(offload), std::move(weights), Recompute::kLayer, false, 0};
+    return Placement{std::move(name), std::move(offload), std::move(weights), Recompute::kLayer, false, 0, false};
   };
   const auto to_host = [&](const Placement& p, std::string name) {
     Placement q = p;
@@ -48,22 +49,40 @@ std::vector<Placement> plan_placements(int64_t mlp_chunk) {
     q.mlp_chunk = mlp_chunk;
     return q;
   };
+  const auto tiles = [&](const Placement& p, std::string name) {
+    Placement q = p;
+    q.name = std::move(name);
+    q.mlp_chunk = mlp_chunk;
+    return q;
+  };
+  // The offload placements, then the same with the lean host state.
+  const auto with_lean = [](std::vector<Placement> ps) {
+    const size_t n = ps.size();
+    for (size_t i = 0; i < n; ++i) {
+      Placement q = ps[i];
+      q.name += ", lean host";
+      q.lean_host = true;
+      ps.push_back(q);
+    }
+    return ps;
+  };
   const Placement gpu = layer("all on GPU, recompute per layer", "none", "resident");
   const Placement zero3 = layer("ZeRO-3 weights, recompute per layer", "none", "streamed");
   const Placement opt = layer("offload optimizer, recompute per layer", "optimizer", "resident");
   const Placement params = layer("offload optimizer + params, recompute per layer", "params", "streamed");
-  return {
+  std::vector<Placement> all = {
       keep("all on GPU, keep activations", "none", "resident"),
       gpu,
       to_host(gpu, "all on GPU, recompute, activations to host"),
       zero3,
       to_host(zero3, "ZeRO-3 weights, recompute, activations to host"),
       keep("offload optimizer, keep activations", "optimizer", "resident"),
-      opt,
-      to_host(opt, "offload optimizer, recompute, activations to host"),
-      params,
-      to_host(params, "offload optimizer + params, recompute, activations to host"),
   };
+  for (const Placement& p : {opt, params})
+    for (const Placement& q : with_lean({p, tiles(p, p.name + ", MLP tiles"),
+                                         to_host(p, p.name + ", activations to host")}))
+      all.push_back(q);
+  return all;
 }
 
 PlanBudget plan_budget(double gpu_mem, double host_mem, int world, int ranks_per_node, int64_t micro_batch,
@@ -103,6 +122,10 @@ PlanPrediction predict_memory(const LlamaConfig& cfg, const Placement& p, int64_
   o.model = m;
   o.optimizer = p.offload == "none" ? OptimizerPlace::kDevice : OptimizerPlace::kHost;
   o.weights = (p.offload == "params" || p.weights == "streamed") ? WeightPlace::kStreamed : WeightPlace::kResident;
+  if (p.lean_host) {
+    o.host_grad_dtype = DType::BF16;
+    o.fetch_from_master = true;
+  }
   const ZeroMemoryPlan plan = ZeroEngine::plan(cfg, o, world);
   r.device = double(plan.device_total());
   r.host = double(plan.host_total());

@@ -29,15 +29,19 @@ struct Placement {
   Recompute recompute = Recompute::kLayer;
   bool offload_activations = false;  // layer inputs in pinned host memory
   int64_t mlp_chunk = 0;             // tokens per MLP tile (0: one tile)
+  bool lean_host = false;            // offload: bf16 host gradients, weights fetched from the fp32 master
   // The train options that select it: --offload X --weights Y --recompute Z [--offload-activations
-  // true --mlp-chunk N].
+  // true] [--mlp-chunk N] [--host-grad-dtype bf16 --host-weights master].
   std::string train_options() const;
 };
 
 // Every placement, fastest first. Each one that recomputes per layer is followed by the same one
 // with the layer inputs on the host and the MLP in tiles of `mlp_chunk` tokens: the copies hide
 // behind the layers' compute and the tiles' GEMMs stay large, so that costs less than the next
-// placement's extra traffic (weights gathered per layer, the optimizer on the CPU).
+// placement's extra traffic (weights gathered per layer, the optimizer on the CPU). The offload
+// placements also come with the MLP tiles alone (layer inputs kept on the GPU: no host memory for
+// them, which an 8B model's host state leaves little of), and each of those with the lean host state
+// (bf16 host gradients, no host weight copy: 14 instead of 18 bytes per parameter on the host).
 std::vector<Placement> plan_placements(int64_t mlp_chunk = kPlanMlpChunk);
 
 // The CUDA context and the driver's own allocations, which every process pays before the engine

@@ -27,6 +27,7 @@ double seconds_since(Clock::time_point t0) { return std::chrono::duration<double
 // Sizes shared by plan() and the constructor.
 struct Sizes {
   int64_t total_len = 0, shard_len = 0, max_layer = 0, embed = 0, head = 0, max_piece = 0;
+  int64_t max_block() const { return std::max({max_layer, embed, head}); }
   Sizes(const ParamTable& t, int world) {
     const ShardLayout layout(t.total_elements(), world);
     total_len = layout.total_len;
@@ -49,6 +50,8 @@ bool direct_grads(const ZeroEngineOptions& opt, int world) {
   // One rank, optimizer on the GPU: the model adds straight into the shard's accumulator.
   return world == 1 && opt.optimizer == OptimizerPlace::kDevice;
 }
+
+bool bf16_wire(const ZeroEngineOptions& opt, int world) { return world > 1 && opt.grad_wire_dtype == DType::BF16; }
 
 }  // namespace
 
@@ -82,6 +85,8 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
     if (shared_end_grads(table)) p.grads += align_up(size_t(std::max(z.embed, z.head)) * 4);
     else p.grads += align_up(size_t(z.embed) * 4) + align_up(size_t(z.head) * 4);
     if (world > 1) p.grads += align_up(size_t(z.max_piece) * 4);
+    // bf16 wire: the block converted for the reduce-scatter, and the reduced piece before widening.
+    if (bf16_wire(opt, world)) p.grads += align_up(size_t(z.max_block()) * 2) + align_up(size_t(z.max_piece) * 2);
   }
   const bool host = opt.optimizer == OptimizerPlace::kHost;
   const DType host_grad = host ? opt.host_grad_dtype : DType::F32;
@@ -139,6 +144,12 @@ void ZeroEngine::apply_host_state(ZeroEngineOptions* opt, const std::string& hos
   opt->fetch_from_master = host_weights == "master";
 }
 
+DType ZeroEngine::grad_wire_dtype_from_name(const std::string& name) {
+  if (name == "fp32") return DType::F32;
+  if (name == "bf16") return DType::BF16;
+  throw ConfigError("--grad-reduce-dtype: expected fp32 or bf16, got '" + name + "'");
+}
+
 struct ZeroEngine::Block {
   int64_t begin = 0, end = 0;   // flat range
   std::vector<int64_t> counts;  // per rank
@@ -194,6 +205,8 @@ class ZeroEngine::Access final : public GpuParamAccess {
   std::vector<int> slot_of;  // per block, -1 if not in a slot
   std::vector<int> grad_touched;  // per block: zeroed this micro-batch
   float* piece = nullptr;         // reduce-scatter output (world > 1)
+  uint16_t* wire = nullptr;       // bf16 wire: the block's gradient in bf16 (the largest block)
+  uint16_t* wire_piece = nullptr; // bf16 wire: this rank's reduced piece, before widening to fp32
   float* host_staging = nullptr;  // kHost, later micro-batches: D2H target before the CPU adds
   std::unique_ptr<PinnedBuffer> host_staging_holder;
 
@@ -204,6 +217,7 @@ class ZeroEngine::Access final : public GpuParamAccess {
   }
   int fetch_into_slot(int block);
   void prefetch(int block);
+  void release_grad_slot(const ZeroEngine::Block& b);
 
  private:
   ZeroEngine& e_;
@@ -340,14 +354,25 @@ void ZeroEngine::Access::grads_done(int block) {
   CUDA_CHECK(cudaEventRecord(grads_done_ev[size_t(block)], e.compute_));
   CUDA_CHECK(cudaStreamWaitEvent(gs, grads_done_ev[size_t(block)], 0));
   const bool first = e.micro_index_ == 0;
+  const bool bf16 = bf16_wire(e.opt_, e.world_);
   // This rank's reduced piece, on the device.
   const float* piece_dev = b.grad;  // one rank: the whole block is the piece
   if (e.world_ > 1) {
     float* out = piece;
     if (e.opt_.optimizer == OptimizerPlace::kDevice && first) out = e.d_grad_ + b.shard_offset;
-    CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
-    e.grad_comm_->reduce_scatter_v(out, b.grad, b.counts, DType::F32, gs);
-    CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+    if (bf16) {
+      // Half the bytes on the wire; NCCL sums in bf16, the piece is widened back into the fp32 path.
+      cuda::convert_f32(wire, DType::BF16, b.grad, b.len(), gs);
+      release_grad_slot(b);  // the rest reads the bf16 copy: the next backward may refill the slot meanwhile
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
+      e.grad_comm_->reduce_scatter_v(wire_piece, wire, b.counts, DType::BF16, gs);
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+      cuda::convert_to_f32(out, wire_piece, DType::BF16, b.piece_len, gs);
+    } else {
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].first, gs));
+      e.grad_comm_->reduce_scatter_v(out, b.grad, b.counts, DType::F32, gs);
+      CUDA_CHECK(cudaEventRecord(comm_ev[size_t(block)].second, gs));
+    }
     comm_timed[size_t(block)] = 1;
     piece_dev = out;
   }
@@ -393,7 +418,12 @@ void ZeroEngine::Access::grads_done(int block) {
       }
     }
   }
-  if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, gs));
+  if (!bf16) release_grad_slot(b);
+}
+
+void ZeroEngine::Access::release_grad_slot(const ZeroEngine::Block& b) {
+  // The grad stream's last read of b.grad is enqueued: the compute stream may zero the slot after it.
+  if (b.grad_slot >= 0) CUDA_CHECK(cudaEventRecord(gslots[size_t(b.grad_slot)].consumed, e_.grad_stream_));
 }
 
 // ---- engine -------------------------------------------------------------------------------------
@@ -417,8 +447,9 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
                       "shape the host copy of the optimizer state)");
   if (opt.optimizer == OptimizerPlace::kHost && state.grad_dtype() != opt.host_grad_dtype)
     throw InternalError("ZeroEngine: the state's gradient dtype differs from host_grad_dtype");
-  if (opt.grad_wire_dtype != DType::F32)
-    throw ConfigError("--grad-reduce-dtype: only fp32 is implemented, got " + std::string(dtype_name(opt.grad_wire_dtype)));
+  if (opt.grad_wire_dtype != DType::F32 && opt.grad_wire_dtype != DType::BF16)
+    throw ConfigError("--grad-reduce-dtype: expected fp32 or bf16, got " +
+                      std::string(dtype_name(opt.grad_wire_dtype)));
   plan_ = plan(cfg, opt, world_);
   const DeviceMemoryInfo mem = device_memory_info();
   baseline_used_ = mem.total - mem.free;
@@ -501,6 +532,10 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
       CUDA_CHECK(cudaEventRecord(gs.consumed, grad_stream_));
     }
     if (world_ > 1) A.piece = arena_.take_n<float>(z.max_piece);
+    if (bf16_wire(opt, world_)) {
+      A.wire = arena_.take_n<uint16_t>(z.max_block());
+      A.wire_piece = arena_.take_n<uint16_t>(z.max_piece);
+    }
   }
   if (opt.optimizer == OptimizerPlace::kHost && opt.host_grad_dtype == DType::BF16)
     d_piece_bf16_ = arena_.take_n<uint16_t>(std::max<int64_t>(z.max_piece, 1));
@@ -745,7 +780,7 @@ GpuStepInfo ZeroEngine::train_step(const std::vector<PackedBatch>& micro_batches
     if (A.comm_timed[bi]) {
       CUDA_CHECK(cudaEventElapsedTime(&ms, A.comm_ev[bi].first, A.comm_ev[bi].second));
       timeline_.comm += ms * 1e-3;
-      timeline_.comm_bytes += double(blocks_[bi].len()) * 4;
+      timeline_.comm_bytes += double(blocks_[bi].len()) * double(dtype_size(opt_.grad_wire_dtype));
     }
 
   bool nonfinite = false;

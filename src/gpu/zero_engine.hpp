@@ -55,7 +55,9 @@ struct ZeroEngineOptions {
   GpuModelOptions model;
   OptimizerPlace optimizer = OptimizerPlace::kHost;
   WeightPlace weights = WeightPlace::kResident;
-  DType grad_wire_dtype = DType::F32;  // reduce-scatter dtype (F32 or BF16); world size 1: unused
+  // Reduce-scatter dtype: F32, or BF16 (half the bytes; NCCL sums in bf16, so the rounding grows
+  // with the rank count; accumulation stays fp32). World size 1: unused.
+  DType grad_wire_dtype = DType::F32;
   bool delayed_update = false;         // kHost + kResident only: see the header comment
   // Lean host state (kHost), for models whose fp32 state nearly fills the host (8B on one GPU:
   // 16 B/param of fp32 state + 2 of compute copy = 144 GB > 128 GiB):
@@ -96,7 +98,7 @@ struct ZeroTimeline {
   double wait_grads = 0;     // after backward: waiting for the last gradients to reach their owner
   double wait_weights = 0;   // host time in weight fetches, the pending CPU updates they run included
   double comm = 0;           // seconds inside the gradient reduce-scatters (grad stream, events)
-  double comm_bytes = 0;     // their fp32 input bytes (algbw = comm_bytes / comm)
+  double comm_bytes = 0;     // their input bytes in the wire dtype (algbw = comm_bytes / comm)
 };
 
 class ZeroEngine {
@@ -115,6 +117,9 @@ class ZeroEngine {
   // other values, or for non-default ones without host offload).
   static void apply_host_state(ZeroEngineOptions* opt, const std::string& host_grad_dtype,
                                const std::string& host_weights);
+  // The --grad-reduce-dtype option (fp32 | bf16) of train and bench (ConfigError for other values).
+  // Set it before apply_placement: the bf16 buffers count in the plan that --recompute auto reads.
+  static DType grad_wire_dtype_from_name(const std::string& name);
 
   // state: this rank's shard (already holding the initial or resumed weights). Throws ConfigError
   // with the plan's numbers when the device memory does not suffice.

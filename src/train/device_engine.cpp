@@ -17,6 +17,7 @@ DeviceEngineOptions device_engine_options(const TrainConfig& cfg) {
   o.host_weights = cfg.host_weights;
   o.offload_activations = cfg.offload_activations;
   o.mlp_chunk = cfg.mlp_chunk;
+  o.grad_reduce_dtype = cfg.grad_reduce_dtype;
   if (!cfg.gpu_mem_limit.empty()) o.gpu_mem_limit = parse_byte_size(cfg.gpu_mem_limit, "gpu-mem-limit");
   o.max_tokens = cfg.seq_len * cfg.micro_batch;
   o.adamw = cfg.adamw;

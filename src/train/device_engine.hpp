@@ -60,6 +60,7 @@ struct DeviceEngineOptions {
   std::string offload = "none";    // none | optimizer | params
   std::string weights = "resident";  // resident | streamed
   bool delayed_update = false;      // offload optimizer only
+  std::string grad_reduce_dtype = "fp32";  // fp32 | bf16: the gradient reduce-scatter between ranks
   int64_t gpu_mem_limit = 0;       // bytes this rank may use on its GPU (0: all)
   std::string host_grad_dtype = "fp32";  // offload only: fp32 | bf16
   std::string host_weights = "copy";     // offload only: copy | master

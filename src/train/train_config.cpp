@@ -36,7 +36,7 @@ const std::map<std::string, std::string>& option_sections() {
       {"attention", "gpu"},         {"offload", "gpu"},           {"weights", "gpu"},
       {"gpu-mem-limit", "gpu"},     {"delayed-update", "gpu"},    {"host-grad-dtype", "gpu"},
       {"host-weights", "gpu"},
-      {"offload-activations", "gpu"}, {"mlp-chunk", "gpu"},
+      {"offload-activations", "gpu"}, {"mlp-chunk", "gpu"}, {"grad-reduce-dtype", "gpu"},
   };
   return sections;
 }
@@ -84,6 +84,7 @@ po::options_description make_description(TrainConfig* c) {
       ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
       ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
       ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
+      ("grad-reduce-dtype", po::value(&c->grad_reduce_dtype), "[gpu] dtype of the gradient reduce-scatter between ranks: fp32 (default) or bf16 (half the bytes on the wire; the sum over ranks is rounded to bf16, more so with more ranks; one rank: unused)")
       ("gpu-mem-limit", po::value(&c->gpu_mem_limit), "[gpu] device memory this rank may use, e.g. 16GiB (emulates a smaller GPU; default: all)")
       ("host-grad-dtype", po::value(&c->host_grad_dtype), "[gpu] with --offload: the host gradient accumulator, fp32 (default) or bf16 (2 bytes per parameter less host memory and PCIe traffic; the update uses bf16-rounded gradients)")
       ("host-weights", po::value(&c->host_weights), "[gpu] with --offload: copy (default: a compute-dtype copy of the shard in pinned host memory feeds the GPU) or master (no copy: the fp32 master is fetched and converted on the GPU, 2 bytes per parameter less host memory, twice the fetch bytes)")
@@ -228,6 +229,8 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   // The layer inputs are what it moves to the host: without recomputation there are none to move.
   require(!c.offload_activations || c.recompute != "none", "offload-activations", "--recompute layer or auto",
           "--recompute none");
+  require(c.grad_reduce_dtype == "fp32" || c.grad_reduce_dtype == "bf16", "grad-reduce-dtype", "fp32 or bf16",
+          "'" + c.grad_reduce_dtype + "'");
   *out = c;
   return true;
 }
@@ -279,6 +282,7 @@ std::string to_ini(const TrainConfig& c) {
     << c.attention << "\noffload = " << c.offload << "\nweights = " << c.weights
     << "\ndelayed-update = " << (c.delayed_update ? "true" : "false")
     << "\noffload-activations = " << (c.offload_activations ? "true" : "false") << "\nmlp-chunk = " << c.mlp_chunk
+    << "\ngrad-reduce-dtype = " << c.grad_reduce_dtype
     << "\n";
   if (!c.gpu_mem_limit.empty()) s << "gpu-mem-limit = " << c.gpu_mem_limit << "\n";
   s << "host-grad-dtype = " << c.host_grad_dtype << "\nhost-weights = " << c.host_weights << "\n";

@@ -46,6 +46,7 @@ struct TrainConfig {
   std::string offload = "none";   // none | optimizer (fp32 state + AdamW on the host) | params (also stream the weights)
   std::string weights = "resident"; // resident (every GPU holds all compute weights) | streamed (per block, ZeRO-3)
   bool delayed_update = false;    // offload optimizer: overlap step t's CPU update with step t + 1 (one step stale)
+  std::string grad_reduce_dtype = "fp32"; // gradient reduce-scatter on the wire: fp32 | bf16 (half the bytes)
   std::string gpu_mem_limit;      // e.g. 16GiB: cap the device memory this rank may use (emulates a smaller GPU)
   std::string host_grad_dtype = "fp32";  // offload: host gradient accumulator fp32 | bf16 (2 B/param less host memory)
   std::string host_weights = "copy";     // offload: copy (bf16 copy of the shard on the host) | master (fetch fp32, convert on the GPU)

@@ -59,13 +59,15 @@ for part in "$@"; do
       n=$(nvidia-smi -L | wc -l)
       mpirun --allow-run-as-root -np "$n" -x LD_LIBRARY_PATH "$dir/bin/longtune" bench comm 2>&1 | tee "$out/bench_comm.log" | tail -30 ;;
     scaling)
-      # Weak scaling, 3B shape at 16K tokens per GPU, optimizer and weights on the GPUs, 1 -> 2 -> 4 ranks.
+      # Weak scaling, 3B shape at 16K tokens per GPU, optimizer and weights on the GPUs, 1 -> 2 -> 4 ranks,
+      # the gradient reduce-scatter in fp32 and, from 2 ranks on, in bf16 beside it.
       n=$(nvidia-smi -L | wc -l)
-      for np in 1 2 4; do
-        [ "$np" -le "$n" ] || continue
-        mpirun --allow-run-as-root -np "$np" -x LD_LIBRARY_PATH -x OMP_NUM_THREADS --bind-to none "$dir/bin/longtune" bench train \
+      for c in "1 fp32" "2 fp32" "2 bf16" "4 fp32" "4 bf16"; do
+        set -- $c
+        [ "$1" -le "$n" ] || continue
+        mpirun --allow-run-as-root -np "$1" -x LD_LIBRARY_PATH -x OMP_NUM_THREADS --bind-to none "$dir/bin/longtune" bench train \
           --model 3b --seq-len 16384 --offload none --weights "${SCALING_WEIGHTS:-resident}" --recompute "${SCALING_RECOMPUTE:-auto}" --steps 6 --warmup 2 \
-          2>&1 | tee -a "$out/scaling.log" | grep -E "RESULT \{|error|plan"
+          --grad-reduce-dtype "$2" 2>&1 | tee -a "$out/scaling.log" | grep -E "RESULT \{|error|plan"
       done ;;
     offload)
       # 3B at 16K: optimizer on the host (ours) beside FSDP2 CPU offload (the anchor), and ours all on the GPU.

@@ -1,6 +1,6 @@
 // GPU AdamW against the host AdamW (src/optim/adamw.hpp): bit-identical updates and compute copies,
-// padding untouched; gradient norm, non-finite flag, deterministic sum and fp32 -> bf16/f16
-// conversion against the CPU.
+// padding untouched; gradient norm, non-finite flag, deterministic sum and fp32 <-> bf16/f16
+// conversions against the CPU.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -248,6 +248,40 @@ TEST(CudaAdamW, ConvertF32MatchesCpuBits) {
       size_t bad = 0;
       for (size_t i = 0; i < n; ++i) bad += got[i] != ref[i];
       EXPECT_EQ(bad, 0u);
+    }
+  }
+}
+
+TEST(CudaAdamW, ConvertToF32MatchesCpuBits) {
+  SKIP_WITHOUT_GPU();
+  std::mt19937 rng(82);
+  // Every 16-bit pattern (zeros, subnormals, inf, NaNs with payloads, in both dtypes), random ones,
+  // and fp32 values rounded to the dtype so typical gradients are there too.
+  const size_t patterns = 65536, randoms = 20011, rounded = 5000;
+  std::vector<uint16_t> base(patterns + randoms);
+  for (size_t i = 0; i < patterns; ++i) base[i] = uint16_t(i);
+  std::uniform_int_distribution<uint32_t> bits(0, 0xffff);
+  for (size_t i = patterns; i < base.size(); ++i) base[i] = uint16_t(bits(rng));
+  const std::vector<float> values = random_vector(rounded, rng, 0.0f, 1e-3f);
+  for (DType dt : {DType::BF16, DType::F16}) {
+    std::vector<uint16_t> x = base;
+    convert_from_f32(x.data() + patterns + 1, values.data(), dt, rounded);
+    DeviceBuffer<uint16_t> d_x(x);
+    // Odd lengths; shift 1: unaligned, scalar path.
+    for (size_t n : {size_t(1), size_t(3), size_t(4097), x.size() - 1}) {
+      for (size_t shift : {size_t(0), size_t(1)}) {
+        SCOPED_TRACE(std::string(dtype_name(dt)) + " n " + std::to_string(n) + " shift " + std::to_string(shift));
+        std::vector<float> ref(n);
+        convert_to_f32(ref.data(), x.data() + shift, dt, n);
+        DeviceBuffer<float> d_out(n + 1);
+        poison_nan(d_out.get(), n + 1);
+        cuda::convert_to_f32(d_out.get() + shift, d_x.get() + shift, dt, int64_t(n), nullptr);
+        CUDA_CHECK(cudaDeviceSynchronize());
+        auto got = d_out.download();
+        got.erase(got.begin(), got.begin() + ptrdiff_t(shift));
+        got.resize(n);
+        EXPECT_TRUE(bit_equal(got, ref));
+      }
     }
   }
 }

@@ -6,12 +6,15 @@
 // summed in another order (host vs device), so the clip coefficient may differ in its last bit.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
 #include "src/comm/comm.hpp"
+#include "src/gpu/device_memory.hpp"
 #include "src/gpu/gpu_engine.hpp"
+#include "src/gpu/model_shapes.hpp"
 #include "src/gpu/zero_engine.hpp"
 #include "src/optim/kokkos_scope.hpp"
 #include "src/train/sharded_state.hpp"
@@ -229,5 +232,35 @@ TEST(GpuZeroEngine, ActivationOffloadAndMlpTilesKeepTheResults) {
                 dname.c_str(), loss_rel, m_rel, rel(du, dp));
     EXPECT_LT(loss_rel, bf16 ? 2e-3 : 5e-4);
     EXPECT_LT(m_rel, bf16 ? 2e-2 : 5e-3);
+  }
+}
+
+// The bf16 wire's two device buffers (the largest block and the largest reduced piece, in bf16) are
+// in the plan's gradients part, and only where something goes on the wire. No GPU needed.
+TEST(GpuZeroEngine, PlanCountsTheBf16WireBuffers) {
+  const LlamaConfig cfg = gpu::llama_shape_by_name("1b");
+  const ParamTable table(cfg);
+  gpu::ZeroEngineOptions o;
+  o.model = model_options(DType::BF16, 4096);
+  for (gpu::OptimizerPlace place : {gpu::OptimizerPlace::kDevice, gpu::OptimizerPlace::kHost}) {
+    o.optimizer = place;
+    for (int world : {1, 2, 4}) {
+      SCOPED_TRACE("world " + std::to_string(world));
+      o.grad_wire_dtype = DType::F32;
+      const gpu::ZeroMemoryPlan f32 = gpu::ZeroEngine::plan(cfg, o, world);
+      o.grad_wire_dtype = DType::BF16;
+      const gpu::ZeroMemoryPlan b16 = gpu::ZeroEngine::plan(cfg, o, world);
+      const ShardLayout layout(table.total_elements(), world);
+      int64_t max_block = 0, max_piece = 0;
+      for (int b = 0; b < table.num_blocks(); ++b) {
+        max_block = std::max(max_block, table.block_end(b) - table.block_begin(b));
+        for (int64_t c : layout.counts(table.block_begin(b), table.block_end(b))) max_piece = std::max(max_piece, c);
+      }
+      const size_t wire =
+          world == 1 ? 0 : gpu::align_up(size_t(max_block) * 2) + gpu::align_up(size_t(max_piece) * 2);
+      EXPECT_EQ(b16.grads, f32.grads + wire);
+      EXPECT_EQ(b16.device_total(), f32.device_total() + wire);
+      EXPECT_EQ(b16.host_total(), f32.host_total());
+    }
   }
 }

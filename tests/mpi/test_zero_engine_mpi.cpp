@@ -3,13 +3,16 @@
 // of the golden batch, the reference accumulates `world` copies. Gradients are summed in another
 // order (NCCL's reduction vs one accumulator), so updates agree to float rounding, not bit for bit.
 // Every placement of the optimizer (GPU, host) and of the weights (resident, streamed) is run.
+// The bf16 gradient wire is checked against the fp32 one.
 // Skipped on every rank together when a node has fewer visible GPUs than ranks (CI has none).
 #if LONGTUNE_HAVE_CUDA
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
@@ -108,6 +111,88 @@ TEST(ZeroEngineMpi, FollowsTheSingleGpuEngineOnTheWholeBatch) {
     if (comm->rank() == 0)
       std::printf("[zero-mpi] %d ranks, %s: update rel %.2e vs one GPU on the whole batch\n", world, c.name, err);
     EXPECT_LT(err, 1e-4);
+  }
+}
+
+// Trains `steps` steps of two micro-batches of `batch` per rank (the first micro-batch's reduced
+// piece lands straight in the accumulator, the second's is added to it: both paths run) from the
+// golden weights; returns the full fp32 weights and the step losses.
+struct Trained {
+  std::vector<float> weights;
+  std::vector<double> losses;
+};
+Trained train_sharded(const test::GoldenModel& g, Comm& comm, const AdamWConfig& a, const PackedBatch& batch,
+                      gpu::OptimizerPlace optimizer, DType wire, int steps) {
+  ShardedTrainState state(*g.table, comm, a);
+  state.load_full(g.weights.data());
+  gpu::ZeroEngineOptions o;
+  o.model = model_options(batch.num_tokens());
+  o.optimizer = optimizer;
+  o.grad_wire_dtype = wire;
+  gpu::ZeroEngine engine(g.cfg, *g.table, a, o, state);
+  const std::vector<PackedBatch> mbs = {batch, batch};
+  const int64_t global_targets = 2 * batch.num_targets() * comm.size();
+  Trained t;
+  for (int s = 1; s <= steps; ++s) {
+    LossSum l;
+    EXPECT_FALSE(engine.train_step(mbs, global_targets, s, a.lr, &l).skipped) << "step " << s;
+    t.losses.push_back(l.mean());
+  }
+  engine.sync_state();
+  t.weights = state.gather_full();
+  return t;
+}
+
+TEST(ZeroEngineMpi, Bf16WireFollowsTheFp32Wire) {
+  std::unique_ptr<Comm> comm = make_comm();
+  double missing = cuda::device_count() <= comm->local_rank() ? 1.0 : 0.0;
+  comm->all_reduce_max(&missing, 1);
+  if (missing != 0.0) GTEST_SKIP() << "fewer visible CUDA GPUs than ranks on a node";
+  if (comm->size() < 2) GTEST_SKIP() << "one rank: nothing goes on the wire";
+  CUDA_CHECK(cudaSetDevice(comm->local_rank()));
+  const KokkosScope kokkos;
+  const test::GoldenModel g = test::load_golden_model(kCase);
+  const PackedBatch batch = test::load_batch(test::golden_dir() / kCase / "batch.json");
+  AdamWConfig a;
+  a.lr = 1e-3;
+  a.weight_decay = 0.1;
+  a.clip = 0.05;
+  const int steps = 3;
+
+  struct Case {
+    gpu::OptimizerPlace optimizer;
+    const char* name;
+  };
+  for (const Case& c :
+       {Case{gpu::OptimizerPlace::kDevice, "GPU optimizer"}, Case{gpu::OptimizerPlace::kHost, "host optimizer"}}) {
+    SCOPED_TRACE(c.name);
+    const Trained f32 = train_sharded(g, *comm, a, batch, c.optimizer, DType::F32, steps);
+    const Trained b16 = train_sharded(g, *comm, a, batch, c.optimizer, DType::BF16, steps);
+    // The bound: every rank holds the same batch, so NCCL's bf16 sum adds equal values (no
+    // cancellation; with 2 ranks a doubling, exact) and each gradient element ends up within a
+    // relative 2^-9 per rounding of its fp32 value. AdamW steps by lr * m / sqrt(v) per element
+    // (the clip coefficient is a common factor and nearly cancels); relative gradient errors e move
+    // that by at most about 2e * lr (once through m, once through sqrt(v)): 0.4% of lr per step,
+    // 1.2% of lr over 3 steps, while the largest update is about 3 lr. So first-order 0.4% of the
+    // largest update; 2e-2 leaves 5x for steps 2 and 3 seeing slightly different weights and for
+    // more ranks' roundings. A wrong or dropped piece, or a sum without one rank's share, is O(1).
+    double max_diff = 0, max_update = 0;
+    for (size_t i = 0; i < g.weights.size(); ++i) {
+      const double d32 = double(f32.weights[i]) - g.weights[i], d16 = double(b16.weights[i]) - g.weights[i];
+      max_diff = std::max(max_diff, std::fabs(d16 - d32));
+      max_update = std::max(max_update, std::fabs(d32));
+    }
+    const double rel = max_diff / std::max(max_update, 1e-300);
+    const bool identical = std::memcmp(f32.weights.data(), b16.weights.data(), g.weights.size() * sizeof(float)) == 0;
+    if (comm->rank() == 0)
+      std::printf("[zero-mpi] %d ranks, %s: bf16 wire vs fp32 wire: max update difference %.2e of the largest update "
+                  "(L2 %.2e)\n",
+                  comm->size(), c.name, rel, rel_update(b16.weights, f32.weights, g.weights));
+    EXPECT_GT(max_update, 0.0);
+    EXPECT_LT(rel, 2e-2);
+    EXPECT_FALSE(identical) << "the bf16 wire gave the fp32 wire's bits: it did not go through bf16";
+    for (int s = 0; s < steps; ++s)
+      EXPECT_NEAR(b16.losses[size_t(s)], f32.losses[size_t(s)], 1e-3 * f32.losses[size_t(s)]) << "step " << s + 1;
   }
 }
 
