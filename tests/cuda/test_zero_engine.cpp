@@ -82,10 +82,17 @@ State run_reference(const test::GoldenModel& g, const PackedBatch& batch, const 
   return s;
 }
 
+// The lean host state (offload only): bf16 host gradients, weights fetched from the fp32 master.
+struct LeanHost {
+  bool bf16_grads = false;
+  bool from_master = false;
+};
+
 State run_zero(const test::GoldenModel& g, const PackedBatch& batch, const AdamWConfig& a, DType dtype, int steps,
-               int micro, const Case& c, bool delayed = false, const Activations& act = {}) {
+               int micro, const Case& c, bool delayed = false, const Activations& act = {},
+               const LeanHost& lean = {}) {
   std::unique_ptr<Comm> comm = make_comm();
-  ShardedTrainState state(*g.table, *comm, a);
+  ShardedTrainState state(*g.table, *comm, a, NumaPlacement{}, lean.bf16_grads ? DType::BF16 : DType::F32);
   state.load_full(g.weights.data());
   gpu::ZeroEngineOptions o;
   o.model = model_options(dtype, batch.num_tokens(), act);
@@ -93,6 +100,8 @@ State run_zero(const test::GoldenModel& g, const PackedBatch& batch, const AdamW
   o.weights = c.weights;
   o.initial_loss_scale = 1024.0;
   o.delayed_update = delayed;
+  o.host_grad_dtype = lean.bf16_grads ? DType::BF16 : DType::F32;
+  o.fetch_from_master = lean.from_master;
   gpu::ZeroEngine engine(g.cfg, *g.table, a, o, state);
   const std::vector<PackedBatch> mbs(size_t(micro), batch);
   State s;
@@ -261,6 +270,67 @@ TEST(GpuZeroEngine, PlanCountsTheBf16WireBuffers) {
       EXPECT_EQ(b16.grads, f32.grads + wire);
       EXPECT_EQ(b16.device_total(), f32.device_total() + wire);
       EXPECT_EQ(b16.host_total(), f32.host_total());
+    }
+  }
+}
+
+// Fetching the weights from the fp32 master (converted on the GPU) instead of the host's bf16/fp16
+// copy: the same rounding, so bit-identical, resident and streamed, with the delayed update too.
+TEST(GpuZeroEngine, FetchFromMasterIsBitIdentical) {
+  SKIP_WITHOUT_GPU();
+  const KokkosScope kokkos;
+  const test::GoldenModel g = test::load_golden_model(kCase);
+  const PackedBatch batch = test::load_batch(test::golden_dir() / kCase / "batch.json");
+  LeanHost lean;
+  lean.from_master = true;
+  for (DType dtype : {DType::BF16, DType::F16}) {
+    for (const Case& c : kCases) {
+      if (c.optimizer != gpu::OptimizerPlace::kHost) continue;
+      SCOPED_TRACE(std::string(dtype_name(dtype)) + ", " + c.name);
+      const State ref = run_zero(g, batch, adamw(1.0), dtype, 3, 2, c);
+      const State z = run_zero(g, batch, adamw(1.0), dtype, 3, 2, c, false, {}, lean);
+      EXPECT_EQ(z.losses, ref.losses);
+      EXPECT_EQ(0, std::memcmp(z.master.data(), ref.master.data(), z.master.size() * 4)) << rel(z.master, ref.master);
+      EXPECT_EQ(0, std::memcmp(z.m.data(), ref.m.data(), z.m.size() * 4));
+      EXPECT_EQ(0, std::memcmp(z.v.data(), ref.v.data(), z.v.size() * 4));
+    }
+    const Case& resident = kCases[0];
+    const State ref = run_zero(g, batch, adamw(1.0), dtype, 3, 1, resident, true);
+    const State z = run_zero(g, batch, adamw(1.0), dtype, 3, 1, resident, true, {}, lean);
+    EXPECT_EQ(z.losses, ref.losses) << "delayed update";
+    EXPECT_EQ(0, std::memcmp(z.master.data(), ref.master.data(), z.master.size() * 4)) << "delayed update";
+  }
+}
+
+// bf16 host gradients: the update is AdamW's on bf16-rounded gradients (the host AdamW widens them
+// exactly; AdamWExact.Bf16GradientEqualsWidenedFp32Gradient), so it follows the fp32 one to about the
+// rounding of one gradient (2^-9 relative): the first moment, a running mean of the gradients, within
+// 1e-2; the second within 2e-2. Two micro-batches take the accumulate-into-bf16 path as well. And it
+// must not be bit-identical: the gradients really went through bf16.
+TEST(GpuZeroEngine, Bf16HostGradientsFollowFp32) {
+  SKIP_WITHOUT_GPU();
+  const KokkosScope kokkos;
+  const test::GoldenModel g = test::load_golden_model(kCase);
+  const PackedBatch batch = test::load_batch(test::golden_dir() / kCase / "batch.json");
+  LeanHost lean;
+  lean.bf16_grads = true;
+  lean.from_master = true;
+  for (DType dtype : {DType::BF16, DType::F16}) {
+    for (const Case& c : kCases) {
+      if (c.optimizer != gpu::OptimizerPlace::kHost) continue;
+      for (int micro : {1, 2}) {
+        SCOPED_TRACE(std::string(dtype_name(dtype)) + ", " + c.name + ", micro-batches " + std::to_string(micro));
+        const State ref = run_zero(g, batch, adamw(1.0), dtype, 3, micro, c);
+        const State z = run_zero(g, batch, adamw(1.0), dtype, 3, micro, c, false, {}, lean);
+        EXPECT_EQ(z.losses[0], ref.losses[0]);  // the first forward sees the same weights
+        for (size_t s = 1; s < z.losses.size(); ++s) EXPECT_NEAR(z.losses[s], ref.losses[s], 1e-3 * ref.losses[s]);
+        const double m_rel = rel(z.m, ref.m), v_rel = rel(z.v, ref.v);
+        std::printf("[zero-engine] %s, %s, %d micro-batch(es), bf16 host gradients vs fp32: first moment rel %.2e, "
+                    "second %.2e\n", std::string(dtype_name(dtype)).c_str(), c.name, micro, m_rel, v_rel);
+        EXPECT_LT(m_rel, 1e-2);
+        EXPECT_LT(v_rel, 2e-2);
+        EXPECT_NE(0, std::memcmp(z.m.data(), ref.m.data(), z.m.size() * 4));
+      }
     }
   }
 }
