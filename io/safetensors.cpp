@@ -191,19 +191,29 @@ void SafetensorsFile::read_raw(const TensorInfo& t, void* dst) const {
   fd.close(path_);
 }
 
-void SafetensorsFile::read_f32(const TensorInfo& t, float* dst) const {
+void SafetensorsFile::read_f32(const TensorInfo& t, float* dst) const { read_f32(t, 0, t.numel(), dst); }
+
+void SafetensorsFile::read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst) const {
   if (!is_floating(t.dtype))
     throw InputError(path_, t.name + ".dtype", "a floating dtype (F32, F16, BF16, F64)",
                      std::string(dtype_name(t.dtype)));
-  if (t.dtype == DType::F32) return read_raw(t, dst);
+  LT_CHECK(first >= 0 && count >= 0 && first <= t.numel() - count,
+           "SafetensorsFile::read_f32: range [" + std::to_string(first) + ", +" + std::to_string(count) +
+               ") outside " + t.name + " (" + std::to_string(t.numel()) + " elements)");
+  if (count == 0) return;
   UniqueFd fd = open_for_reading(path_);
   const size_t esize = dtype_size(t.dtype);
-  const size_t n = size_t(t.numel());
-  std::vector<unsigned char> buf(std::min(n, kChunkElems) * esize);
-  for (size_t i = 0; i < n; i += kChunkElems) {
-    const size_t m = std::min(kChunkElems, n - i);
-    read_tensor_bytes(fd.get(), path_, t, data_start_ + t.begin + i * esize, buf.data(), m * esize);
-    convert_to_f32(dst + i, buf.data(), t.dtype, m);
+  const uint64_t start = data_start_ + t.begin + uint64_t(first) * esize;
+  const size_t n = size_t(count);
+  if (t.dtype == DType::F32) {
+    read_tensor_bytes(fd.get(), path_, t, start, dst, n * esize);
+  } else {
+    std::vector<unsigned char> buf(std::min(n, kChunkElems) * esize);
+    for (size_t i = 0; i < n; i += kChunkElems) {
+      const size_t m = std::min(kChunkElems, n - i);
+      read_tensor_bytes(fd.get(), path_, t, start + i * esize, buf.data(), m * esize);
+      convert_to_f32(dst + i, buf.data(), t.dtype, m);
+    }
   }
   fd.close(path_);
 }
@@ -278,12 +288,19 @@ std::vector<std::string> SafetensorsDir::names() const {
 }
 
 void SafetensorsDir::read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst) const {
+  int64_t numel = 1;
+  for (int64_t d : shape) numel *= d;
+  read_f32(name, shape, 0, numel, dst);
+}
+
+void SafetensorsDir::read_f32(const std::string& name, const std::vector<int64_t>& shape, int64_t first,
+                              int64_t count, float* dst) const {
   const SafetensorsFile* file = nullptr;
   const TensorInfo* t = find(name, &file);
   if (!t) throw InputError(dir_, name, "a tensor of shape " + shape_text(shape), "missing");
   if (t->shape != shape)
     throw InputError(file->path(), name, "shape " + shape_text(shape), "shape " + shape_text(t->shape));
-  file->read_f32(*t, dst);
+  file->read_f32(*t, first, count, dst);
 }
 
 // ---- writing ----------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class SafetensorsFile {
   void read_raw(const TensorInfo& t, void* dst) const;
   // Tensor converted to fp32 (floating dtypes only).
   void read_f32(const TensorInfo& t, float* dst) const;
+  // Elements [first, first + count) of the tensor in row-major order, converted to fp32: only
+  // those bytes are read. The dtype is checked even when count is 0.
+  void read_f32(const TensorInfo& t, int64_t first, int64_t count, float* dst) const;
 
  private:
   std::string path_;
@@ -52,6 +55,10 @@ class SafetensorsDir {
   // Reads `name` as fp32 into dst after checking its shape equals `shape`; throws InputError
   // naming the file and tensor when it is missing, mis-shaped or of a non-floating dtype.
   void read_f32(const std::string& name, const std::vector<int64_t>& shape, float* dst) const;
+  // The same checks, then only elements [first, first + count) (row-major) into dst; with count 0
+  // nothing is read, so it validates the tensor without I/O.
+  void read_f32(const std::string& name, const std::vector<int64_t>& shape, int64_t first, int64_t count,
+                float* dst) const;
 
  private:
   std::string dir_;

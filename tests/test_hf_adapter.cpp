@@ -8,6 +8,7 @@
 #include <fstream>
 #include <iostream>
 #include <limits>
+#include <random>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -250,6 +251,97 @@ TEST_F(HfAdapter, MisshapedTensor) {
     ADD_FAILURE() << "no error";
   } catch (const InputError& e) {
     check_message(e.what(), d + "/model.safetensors", "model.layers.0.mlp.gate_proj.weight",
+                  "expected shape [48, 32], got shape [40, 32]");
+  }
+}
+
+// Ranges of the flat space read by load_hf_weights_range equal that slice of the full load, for
+// F32 shards, BF16 and F16 files, tied and untied: empty ones, ones starting or ending inside a
+// tensor or in an alignment gap, ZeRO shards of several world sizes, and random ones. Guard
+// elements around the output catch writes outside [begin, end).
+TEST_F(HfAdapter, RangeLoadEqualsSliceOfFullLoad) {
+  struct Case {
+    bool tied;
+    DType dtype;
+    uint64_t shard_bytes;
+  };
+  for (const Case& c : {Case{false, DType::F32, 16 * 1024}, Case{false, DType::BF16, uint64_t(1) << 30},
+                        Case{true, DType::F16, 8 * 1024}}) {
+    SCOPED_TRACE(std::string(c.tied ? "tied " : "untied ") + std::string(dtype_name(c.dtype)));
+    const LlamaConfig cfg = tiny_config(c.tied);
+    const ParamTable table(cfg);
+    const std::string out = path("range_" + std::string(dtype_name(c.dtype)));
+    save_hf_model(out, cfg, table, make_params(table).data(), c.dtype, c.shard_bytes);
+    const SafetensorsDir dir(out);
+    const int64_t total = table.total_elements();
+    std::vector<float> full(size_t(total), std::numeric_limits<float>::quiet_NaN());
+    load_hf_weights(dir, table, full.data());
+    expect_zero_padding_and_equal(table, make_params(table), full);  // the reference, independently
+
+    // A norm weight (32 elements, gap of 32 after it) and a matrix, by name.
+    const ParamEntry& norm = table.at(size_t(table.find("model.layers.0.input_layernorm.weight")));
+    const ParamEntry& q = table.at(size_t(table.find("model.layers.1.self_attn.q_proj.weight")));
+    ASSERT_NE(norm.numel % ParamTable::kAlign, 0) << "the test needs a gap after " << norm.name;
+    const int64_t gap = norm.offset + norm.numel;  // first padding element after the norm
+    std::vector<std::pair<int64_t, int64_t>> ranges = {
+        {0, 0}, {total, total}, {gap + 3, gap + 3}, {0, total},
+        {gap, gap + 5},                        // inside one gap only
+        {gap + 7, q.offset + 10},              // gap to inside a later tensor
+        {q.offset + 5, q.offset + 6},          // one element
+        {q.offset + 17, q.offset + q.numel - 3},  // inside one tensor
+        {norm.offset + 1, gap + 2},            // tensor into its gap
+        {q.offset + 9, total},                 // to the end (trailing gap)
+        {1, total - 1}};
+    for (int world = 1; world <= 8; ++world) {  // ZeRO shards, clipped to the table
+      const int64_t len = (total + world - 1) / world;
+      for (int r = 0; r < world; ++r) ranges.push_back({std::min(total, r * len), std::min(total, (r + 1) * len)});
+    }
+    std::mt19937_64 rng(42);
+    for (int i = 0; i < 200; ++i) {
+      int64_t a = int64_t(rng() % uint64_t(total + 1)), b = int64_t(rng() % uint64_t(total + 1));
+      if (i % 4 == 0) b = std::min(total, a + int64_t(rng() % 100));  // short ones too
+      ranges.push_back({std::min(a, b), std::max(a, b)});
+    }
+
+    constexpr int64_t kGuard = 16;
+    constexpr float kSentinel = -12345.0f;
+    for (const auto& [begin, end] : ranges) {
+      std::vector<float> got(size_t(end - begin + 2 * kGuard), kSentinel);
+      load_hf_weights_range(dir, table, begin, end, got.data() + kGuard);
+      for (int64_t k = 0; k < kGuard; ++k) {
+        ASSERT_EQ(got[size_t(k)], kSentinel) << "write before [" << begin << ", " << end << ")";
+        ASSERT_EQ(got[size_t(end - begin + kGuard + k)], kSentinel) << "write after [" << begin << ", " << end << ")";
+      }
+      for (int64_t i = begin; i < end; ++i)
+        ASSERT_EQ(got[size_t(i - begin + kGuard)], full[size_t(i)])
+            << "flat[" << i << "] of [" << begin << ", " << end << ")";
+    }
+  }
+}
+
+// A range that does not reach a broken tensor still refuses the directory (metadata checks on
+// every tensor), so every rank of a job fails the same way instead of some entering training.
+TEST_F(HfAdapter, RangeLoadValidatesTensorsOutsideTheRange) {
+  const LlamaConfig cfg = tiny_config(true);
+  const ParamTable table(cfg);
+  const std::vector<float> flat = make_params(table);
+  const std::string d = write_model("no_norm_range", cfg, flat, {}, "model.layers.1.post_attention_layernorm.weight");
+  std::vector<float> got(16);
+  try {
+    load_hf_weights_range(SafetensorsDir(d), table, 0, 16, got.data());  // inside the embedding
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    check_message(e.what(), d, "model.layers.1.post_attention_layernorm.weight", "[32]");
+  }
+
+  LlamaConfig small = tiny_config(true);
+  small.intermediate_size = 40;
+  const std::string m = write_model("misshaped_range", small, make_params(ParamTable(small)));
+  try {
+    load_hf_weights_range(SafetensorsDir(m), table, 0, 0, got.data());  // empty
+    ADD_FAILURE() << "no error";
+  } catch (const InputError& e) {
+    check_message(e.what(), m + "/model.safetensors", "model.layers.0.mlp.gate_proj.weight",
                   "expected shape [48, 32], got shape [40, 32]");
   }
 }

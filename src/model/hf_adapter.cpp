@@ -50,6 +50,14 @@ LlamaConfig load_hf_model_config(const std::string& model_dir) {
 }
 
 void load_hf_weights(const SafetensorsDir& dir, const ParamTable& table, float* flat) {
+  load_hf_weights_range(dir, table, 0, table.total_elements(), flat);
+}
+
+void load_hf_weights_range(const SafetensorsDir& dir, const ParamTable& table, int64_t begin, int64_t end,
+                           float* out) {
+  LT_CHECK(begin >= 0 && begin <= end && end <= table.total_elements(),
+           "load_hf_weights_range: [" + std::to_string(begin) + ", " + std::to_string(end) + ") outside the " +
+               std::to_string(table.total_elements()) + " flat elements");
   int64_t num_layers = 0;
   for (const ParamEntry& e : table.entries()) num_layers = std::max<int64_t>(num_layers, e.layer + 1);
 
@@ -81,10 +89,16 @@ void load_hf_weights(const SafetensorsDir& dir, const ParamTable& table, float* 
                      "missing");
   }
 
+  // Each entry is [offset, offset + numel) of data then its alignment gap; together they tile
+  // [0, total). A tensor outside the range is still checked (count 0: no read).
   for (const ParamEntry& e : table.entries()) {
-    dir.read_f32(e.name, e.shape, flat + e.offset);
-    const int64_t padded = (e.numel + ParamTable::kAlign - 1) / ParamTable::kAlign * ParamTable::kAlign;
-    std::fill(flat + e.offset + e.numel, flat + e.offset + padded, 0.0f);
+    const int64_t data_end = e.offset + e.numel;
+    const int64_t padded_end = e.offset + (e.numel + ParamTable::kAlign - 1) / ParamTable::kAlign * ParamTable::kAlign;
+    const int64_t lo = std::max(begin, e.offset), hi = std::min(end, data_end);
+    if (lo < hi) dir.read_f32(e.name, e.shape, lo - e.offset, hi - lo, out + (lo - begin));
+    else dir.read_f32(e.name, e.shape, 0, 0, out);
+    const int64_t pad_lo = std::max(begin, data_end), pad_hi = std::min(end, padded_end);
+    if (pad_lo < pad_hi) std::fill(out + (pad_lo - begin), out + (pad_hi - begin), 0.0f);
   }
 }
 

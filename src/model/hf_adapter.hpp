@@ -23,6 +23,14 @@ LlamaConfig load_hf_model_config(const std::string& model_dir);
 //   disagree: InputError naming the tensor.
 void load_hf_weights(const SafetensorsDir& dir, const ParamTable& table, float* flat);
 
+// Flat elements [begin, end) only (0 <= begin <= end <= table.total_elements()): out[0] is
+// flat[begin], alignment gaps are zeroed, and only the overlapping part of each tensor is read
+// from disk, so a ZeRO rank loads its shard without ever holding the full model. Every tensor
+// is validated as above whatever the range (metadata only), so all ranks of a job refuse the same
+// directory with the same error. load_hf_weights is this over [0, total_elements()).
+void load_hf_weights_range(const SafetensorsDir& dir, const ParamTable& table, int64_t begin, int64_t end,
+                           float* out);
+
 // Writes a Hugging Face model directory: the tensors of `table` from `flat`, converted to `dtype`
 // (F32, F16 or BF16), as model.safetensors or shards of at most max_shard_bytes plus
 // model.safetensors.index.json, then config.json (hf_config_to_json, its dtype set to match).

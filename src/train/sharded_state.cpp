@@ -50,10 +50,20 @@ ShardedTrainState::ShardedTrainState(const ParamTable& table, Comm& comm, const 
   zero_grads();
 }
 
+int64_t ShardedTrainState::shard_data_len() const {
+  return std::max<int64_t>(0, std::min(shard_len(), table_.total_elements() - shard_begin()));
+}
+
+void ShardedTrainState::load_range(const std::function<void(int64_t, int64_t, float*)>& fill) {
+  // Called on every rank, even one whose shard is all padding (empty range), so that a loader's
+  // checks run, and fail, on all ranks alike.
+  const int64_t b = std::min(shard_begin(), table_.total_elements()), n = shard_data_len();
+  fill(b, b + n, master_);
+  std::fill(master_ + n, master_ + layout_.shard_len, 0.0f);
+}
+
 void ShardedTrainState::load_full(const float* flat) {
-  const int64_t b = shard_begin(), n = std::max<int64_t>(0, std::min(shard_len(), table_.total_elements() - b));
-  std::fill_n(master_, layout_.shard_len, 0.0f);
-  if (n > 0) std::copy_n(flat + b, n, master_);
+  load_range([flat](int64_t begin, int64_t end, float* dst) { std::copy(flat + begin, flat + end, dst); });
 }
 
 std::vector<float> ShardedTrainState::gather_full() {

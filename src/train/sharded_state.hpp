@@ -9,6 +9,7 @@
 // all-reduced sum of the shards' partial sums of squares.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -54,7 +55,14 @@ class ShardedTrainState final : public ParamAccess {
   const HostArena& arena() const { return arena_; }
   Comm& comm() { return comm_; }
 
-  // Takes this rank's slice of full flat weights (initialization).
+  // Flat elements [shard_begin(), shard_begin() + shard_data_len()) are the part of this shard
+  // inside the table; the rest of the last shards is world-size padding, always zero.
+  int64_t shard_data_len() const;
+  // Initializes the master weights without the full model: fill(begin, end, dst) writes flat
+  // elements [begin, end) (this shard's data range, possibly empty) into dst = master(); the
+  // world-size padding is zeroed.
+  void load_range(const std::function<void(int64_t begin, int64_t end, float* dst)>& fill);
+  // Takes this rank's slice of full flat weights (small models and tests).
   void load_full(const float* flat);
   // All ranks: the full flat fp32 weights (table.total_elements()), for evaluation and tests.
   std::vector<float> gather_full();

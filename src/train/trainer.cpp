@@ -161,13 +161,19 @@ void Trainer::Impl::setup() {
   const bool bf16_host_grads = cfg.device == "cuda" && cfg.offload != "none" && cfg.host_grad_dtype == "bf16";
   state = std::make_unique<ShardedTrainState>(*table, comm, cfg.adamw, NumaPlacement{},
                                               bf16_host_grads ? DType::BF16 : DType::F32);
-  {
-    // Every rank reads the full initial weights once and keeps its slice (CPU engine: models
-    // small enough for that; the GPU engine streams them).
+  if (cfg.builtin_model()) {
+    // The built-in model is tiny and its init is one sequential stream over the flat buffer: every
+    // rank builds it whole and keeps its slice.
     std::vector<float> full(size_t(table->total_elements()), 0.0f);
-    if (cfg.builtin_model()) builtin_init_weights(model_cfg, *table, cfg.init_seed, full.data());
-    else load_hf_weights(SafetensorsDir(cfg.model_dir), *table, full.data());
+    builtin_init_weights(model_cfg, *table, cfg.init_seed, full.data());
     state->load_full(full.data());
+  } else {
+    // Each rank reads only the bytes of its own shard (an 8B model is 32 GB in fp32: a full copy
+    // per rank would undo the sharding).
+    const SafetensorsDir dir(cfg.model_dir);
+    state->load_range([&](int64_t begin, int64_t end, float* dst) {
+      load_hf_weights_range(dir, *table, begin, end, dst);
+    });
   }
   model = std::make_unique<LlamaCpu>(model_cfg, *table);
 
@@ -217,7 +223,7 @@ bool Trainer::Impl::try_resume(double* loss_scale) {
   check_param_table(*ref, *table);
   const TrainerState ts = read_trainer_state(*ref);
   const int64_t begin = state->shard_begin();
-  const int64_t len = std::max<int64_t>(0, std::min(state->shard_len(), table->total_elements() - begin));
+  const int64_t len = state->shard_data_len();
   std::fill_n(state->master(), state->shard_len(), 0.0f);
   std::fill_n(state->exp_avg(), state->shard_len(), 0.0f);
   std::fill_n(state->exp_avg_sq(), state->shard_len(), 0.0f);

@@ -14,10 +14,12 @@
 #include "src/comm/serial_comm.hpp"
 #include "src/data/builtin_task.hpp"
 #include "src/data/global_batch.hpp"
+#include "src/model/hf_adapter.hpp"
 #include "src/train/sharded_state.hpp"
 #include "src/train/train_config.hpp"
 #include "src/train/train_step.hpp"
 #include "src/train/trainer.hpp"
+#include "tests/test_paths.hpp"
 
 namespace fs = std::filesystem;
 using namespace longtune;
@@ -50,6 +52,20 @@ TrainConfig small_config(const std::string& run_dir, int64_t steps, int64_t grad
                                     std::to_string(grad_accum), "--steps", std::to_string(steps), "--warmup-steps",
                                     "1", "--run-dir", run_dir, "--log-every", "1000", "--eval-every", "-1", "--clip", "0.5",
                                     "--weight-decay", "0.1"};
+  std::vector<char*> argv;
+  for (auto& w : words) argv.push_back(w.data());
+  TrainConfig cfg;
+  EXPECT_TRUE(parse_train_config(int(argv.size()), argv.data(), &cfg));
+  return cfg;
+}
+
+// small_config on a Hugging Face model directory and a token dataset.
+TrainConfig hf_config(const std::string& run_dir, const std::string& model_dir, int64_t steps, int64_t grad_accum) {
+  const std::string data = (test::fixture_dir() / "tiny_dataset.h5").string();
+  std::vector<std::string> words = {"train", "--model-dir", model_dir, "--data", data, "--seq-len", "32",
+                                    "--micro-batch", "1", "--grad-accum", std::to_string(grad_accum), "--steps",
+                                    std::to_string(steps), "--warmup-steps", "1", "--lr", "1e-3", "--run-dir", run_dir,
+                                    "--log-every", "1000", "--eval-every", "-1"};
   std::vector<char*> argv;
   for (auto& w : words) argv.push_back(w.data());
   TrainConfig cfg;
@@ -179,6 +195,54 @@ TEST(ShardedTraining, ResumeAtAnotherWorldSizeReshards) {
     fs::remove_all(ref_dir);
     fs::remove_all(up);
     fs::remove_all(down);
+  }
+  comm->barrier();
+}
+
+// Every rank reads only its shard of a Hugging Face model (load_range + load_hf_weights_range);
+// the shards put together are the full load, and the world-size padding is zero.
+TEST(ShardedTraining, HfWeightsLoadedPerShardEqualFullLoad) {
+  auto comm = make_comm();
+  for (const char* name : {"mha_tied", "gqa_untied"}) {
+    SCOPED_TRACE(name);
+    const std::string dir = (test::fixture_dir() / "golden" / name).string();
+    const LlamaConfig cfg = load_hf_model_config(dir);
+    const ParamTable table(cfg);
+    ShardedTrainState state(table, *comm, AdamWConfig{});
+    std::fill_n(state.master(), state.shard_len(), 1.0f);  // the padding must be rewritten
+    const SafetensorsDir st(dir);
+    state.load_range(
+        [&](int64_t begin, int64_t end, float* dst) { load_hf_weights_range(st, table, begin, end, dst); });
+    for (int64_t i = state.shard_data_len(); i < state.shard_len(); ++i) ASSERT_EQ(state.master()[i], 0.0f) << i;
+    const std::vector<float> gathered = state.gather_full();
+    std::vector<float> full(size_t(table.total_elements()));
+    load_hf_weights(st, table, full.data());
+    ASSERT_EQ(gathered.size(), full.size());
+    EXPECT_EQ(0, std::memcmp(gathered.data(), full.data(), full.size() * sizeof(float)));
+  }
+}
+
+// The trainer on a Hugging Face model (each rank loading its shard) trains to the weights of the
+// single-process run on the same global batches, up to rounding.
+TEST(ShardedTraining, HfModelRanksEqualSingleProcess) {
+  auto comm = make_comm();
+  const int world = comm->size();
+  const int64_t accum = 12 / world;
+  const std::string model = (test::fixture_dir() / "golden" / "gqa_untied").string();
+  const std::string ref_dir = shared_dir(*comm, "hf-ref"), run = shared_dir(*comm, "hf-ranks");
+  if (comm->rank() == 0) {
+    SerialComm one;
+    Trainer(hf_config(ref_dir, model, 3, 12), one).run();
+  }
+  comm->barrier();
+  Trainer(hf_config(run, model, 3, accum), *comm).run();
+  comm->barrier();
+  if (comm->rank() == 0) {
+    const double err = rel_error(latest_master(run), latest_master(ref_dir));
+    std::printf("[sharded] HF model, world %d x accum %lld: weights rel error %.2e\n", world, (long long)accum, err);
+    EXPECT_LT(err, 1e-6);
+    fs::remove_all(ref_dir);
+    fs::remove_all(run);
   }
   comm->barrier();
 }
