@@ -18,7 +18,8 @@ constexpr size_t kNcclAllowance = size_t(384) << 20;     // NCCL channels and bu
 constexpr int kWeightSlots = 3;  // streamed: this layer, the next (its input norm closes this one), a prefetch
 constexpr int kGradSlots = 2;    // a layer's gradient is reduced while the next one's backward runs
 // fetch_from_master: fp32 elements per host-to-device chunk before the conversion (64 MiB: large
-// enough that the conversion kernel between copies costs under 1% of the copy time).
+// enough that the conversion kernel between copies costs under 1% of the copy time); bf16 host
+// gradients go down in chunks of as many elements.
 constexpr int64_t kFetchChunk = int64_t(16) << 20;
 
 using Clock = std::chrono::steady_clock;
@@ -90,7 +91,7 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
   }
   const bool host = opt.optimizer == OptimizerPlace::kHost;
   const DType host_grad = host ? opt.host_grad_dtype : DType::F32;
-  if (host && host_grad == DType::BF16) p.grads += align_up(size_t(z.max_piece) * 2);
+  if (host && host_grad == DType::BF16) p.grads += align_up(size_t(std::min(z.max_piece, kFetchChunk)) * 2);
   if (host && opt.fetch_from_master) p.weights += align_up(size_t(kFetchChunk) * 4);
   p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
   p.library = kLibraryAllowance + (world > 1 ? kNcclAllowance : 0);
@@ -384,9 +385,13 @@ void ZeroEngine::Access::grads_done(int block) {
         else cuda::accumulate_f32(e.d_grad_ + b.shard_offset, piece_dev, b.piece_len, gs);
       }
     } else if (first && e.opt_.host_grad_dtype == DType::BF16) {
-      cuda::convert_f32(e.d_piece_bf16_, DType::BF16, piece_dev, b.piece_len, gs);
-      CUDA_CHECK(cudaMemcpyAsync(static_cast<uint16_t*>(e.host_grad()) + b.shard_offset, e.d_piece_bf16_,
-                                 size_t(b.piece_len) * 2, cudaMemcpyDeviceToHost, gs));
+      // In chunks through one small buffer: stream order keeps each conversion behind the last copy.
+      auto* host = static_cast<uint16_t*>(e.host_grad()) + b.shard_offset;
+      for (int64_t off = 0; off < b.piece_len; off += kFetchChunk) {
+        const int64_t n = std::min(kFetchChunk, b.piece_len - off);
+        cuda::convert_f32(e.d_piece_bf16_, DType::BF16, piece_dev + off, n, gs);
+        CUDA_CHECK(cudaMemcpyAsync(host + off, e.d_piece_bf16_, size_t(n) * 2, cudaMemcpyDeviceToHost, gs));
+      }
     } else if (first) {
       CUDA_CHECK(cudaMemcpyAsync(static_cast<float*>(e.host_grad()) + b.shard_offset, piece_dev,
                                  size_t(b.piece_len) * 4, cudaMemcpyDeviceToHost, gs));
@@ -538,7 +543,7 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
     }
   }
   if (opt.optimizer == OptimizerPlace::kHost && opt.host_grad_dtype == DType::BF16)
-    d_piece_bf16_ = arena_.take_n<uint16_t>(std::max<int64_t>(z.max_piece, 1));
+    d_piece_bf16_ = arena_.take_n<uint16_t>(std::clamp<int64_t>(z.max_piece, 1, kFetchChunk));
   if (opt.optimizer == OptimizerPlace::kHost && opt.fetch_from_master) d_fetch_staging_ = arena_.take_n<float>(kFetchChunk);
   for (int bi = 0; bi < table.num_blocks(); ++bi) {
     Block& b = blocks_[size_t(bi)];
