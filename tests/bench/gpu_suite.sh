@@ -62,8 +62,8 @@ for part in "$@"; do
       # Weak scaling, 3B shape at 16K tokens per GPU, optimizer and weights on the GPUs, 1 -> 2 -> 4 ranks,
       # the gradient reduce-scatter in fp32 and, from 2 ranks on, in bf16 beside it.
       n=$(nvidia-smi -L | wc -l)
-      for c in "1 fp32" "2 fp32" "2 bf16" "4 fp32" "4 bf16"; do
-        set -- $c
+      for c in ${SCALING_ROWS:-1:fp32 2:fp32 2:bf16 4:fp32 4:bf16}; do  # ranks:gradient wire dtype
+        set -- ${c/:/ }
         [ "$1" -le "$n" ] || continue
         mpirun --allow-run-as-root -np "$1" -x LD_LIBRARY_PATH -x OMP_NUM_THREADS --bind-to none "$dir/bin/longtune" bench train \
           --model 3b --seq-len 16384 --offload none --weights "${SCALING_WEIGHTS:-resident}" --recompute "${SCALING_RECOMPUTE:-auto}" --steps 6 --warmup 2 \
@@ -130,9 +130,16 @@ for part in "$@"; do
       # Llama-3.1-8B on one GPU (issue 6): the plan, then tokens/s at 32K under a 48 GiB cap (exact and
       # delayed update) and the 64K goal, with the lean host state (the machine has 128 GiB of host
       # memory; 16 B/param of fp32 state would not fit). LEAN8B_RUNS picks the runs (default: all).
+      host="$(awk '/MemTotal/{print int($2/1048576)}' /proc/meminfo)GiB"
       for cap in 48GiB 16GiB; do
-        "$dir/bin/longtune" plan --model 8b --gpu-mem $cap --host-mem "$(awk '/MemTotal/{print int($2/1048576)}' /proc/meminfo)GiB"           --seq-len 32768 2>&1 | tee -a "$out/plan_8b.log" | tail -4
+        "$dir/bin/longtune" plan --model 8b --gpu-mem $cap --host-mem "$host" --seq-len 32768 > "$out/plan_8b_$cap.log" 2>&1
+        tail -4 "$out/plan_8b_$cap.log"
       done
+      # The plan's longest sequence of a placement (the last column of its row).
+      longest() { grep -F "$2" "$out/plan_8b_$1.log" | grep -v '^\[' | awk 'length($0) > 0 {print $NF}' | tail -1; }
+      l48=$(longest 48GiB "offload optimizer + params, recompute per layer, MLP tiles, lean host")
+      l16=$(longest 16GiB "offload optimizer + params, recompute per layer, activations to host, lean host")
+      echo "plan: longest 8B sequence at 48 GiB $l48, at 16 GiB $l16 (host $host)" | tee -a "$out/lean8b.log"
       lean="--host-grad-dtype bf16 --host-weights master"
       for run in ${LEAN8B_RUNS:-32k 32k-dpu 64k longest48 longest16}; do
         case $run in
