@@ -14,7 +14,9 @@ namespace longtune::gpu {
 namespace {
 
 constexpr size_t kLibraryAllowance = size_t(512) << 20;  // cuBLASLt, context growth (as GpuEngine)
-constexpr size_t kNcclAllowance = size_t(384) << 20;     // NCCL channels and buffers, per communicator pair
+// NCCL channels and buffers of the two communicators (fetch, gradients), allocated at their first
+// collectives: measured peaks on H200 ran 0.47-0.50 GiB above a 384 MiB allowance at 2 and 4 ranks.
+constexpr size_t kNcclAllowance = size_t(896) << 20;
 constexpr int kWeightSlots = 3;  // streamed: this layer, the next (its input norm closes this one), a prefetch
 constexpr int kGradSlots = 2;    // a layer's gradient is reduced while the next one's backward runs
 // fetch_from_master: fp32 elements per host-to-device chunk before the conversion (64 MiB: large
@@ -85,7 +87,7 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
     p.grads = kGradSlots * align_up(size_t(z.max_layer) * 4);
     if (shared_end_grads(table)) p.grads += align_up(size_t(std::max(z.embed, z.head)) * 4);
     else p.grads += align_up(size_t(z.embed) * 4) + align_up(size_t(z.head) * 4);
-    if (world > 1) p.grads += align_up(size_t(z.max_piece) * 4);
+    if (world > 1 && opt.grad_wire_dtype == DType::BF16) p.grads += align_up(size_t(z.max_piece) * 4);
     // bf16 wire: the block converted for the reduce-scatter, and the reduced piece before widening.
     if (bf16_wire(opt, world)) p.grads += align_up(size_t(z.max_block()) * 2) + align_up(size_t(z.max_piece) * 2);
   }
@@ -359,7 +361,9 @@ void ZeroEngine::Access::grads_done(int block) {
   // This rank's reduced piece, on the device.
   const float* piece_dev = b.grad;  // one rank: the whole block is the piece
   if (e.world_ > 1) {
-    float* out = piece;
+    // fp32 on the wire: reduced in place (NCCL's in-place form: this rank's piece of the block), so
+    // no piece buffer as large as the largest piece (the 8B embedding: 2.1 GB) is needed.
+    float* out = bf16 ? piece : b.grad + b.piece_offset;
     if (e.opt_.optimizer == OptimizerPlace::kDevice && first) out = e.d_grad_ + b.shard_offset;
     if (bf16) {
       // Half the bytes on the wire; NCCL sums in bf16, the piece is widened back into the fp32 path.
@@ -536,7 +540,7 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
       CUDA_CHECK(cudaEventCreateWithFlags(&gs.consumed, cudaEventDisableTiming));
       CUDA_CHECK(cudaEventRecord(gs.consumed, grad_stream_));
     }
-    if (world_ > 1) A.piece = arena_.take_n<float>(z.max_piece);
+    if (world_ > 1 && opt.grad_wire_dtype == DType::BF16) A.piece = arena_.take_n<float>(z.max_piece);
     if (bf16_wire(opt, world_)) {
       A.wire = arena_.take_n<uint16_t>(z.max_block());
       A.wire_piece = arena_.take_n<uint16_t>(z.max_piece);

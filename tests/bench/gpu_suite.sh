@@ -157,14 +157,14 @@ for part in "$@"; do
       # 16 GiB cap) and the a6000x4 recipe's (bf16, 48 GiB cap), 8B, 4 ranks, with the plan beside.
       n=$(nvidia-smi -L | wc -l)
       host="$(awk '/MemTotal/{print int($2/1048576)}' /proc/meminfo)GiB"
-      "$dir/bin/longtune" plan --model 8b --gpus "$n" --gpu-mem 16GiB --host-mem "$host" --dtype fp16 --seq-len "${V100_SEQ:-29696}" 2>&1 | tee -a "$out/plan_recipes.log" | tail -4
+      "$dir/bin/longtune" plan --model 8b --gpus "$n" --gpu-mem 16GiB --host-mem "$host" --dtype fp16 --seq-len "${V100_SEQ:-43008}" 2>&1 | tee -a "$out/plan_recipes.log" | tail -4
       "$dir/bin/longtune" plan --model 8b --gpus "$n" --gpu-mem 48GiB --host-mem "$host" --seq-len "${A6000_SEQ:-65536}" 2>&1 | tee -a "$out/plan_recipes.log" | tail -4
       mpirun --allow-run-as-root -np "$n" -x LD_LIBRARY_PATH -x OMP_NUM_THREADS=8 --bind-to none "$dir/bin/longtune" bench train \
         --model 8b --dtype fp16 --attention sm75 --offload params --recompute layer --offload-activations --mlp-chunk 4096 \
-        --gpu-mem-limit 16GiB --seq-len "${V100_SEQ:-29696}" --steps 3 --warmup 1 2>&1 | tee -a "$out/recipes4.log" | grep -E "RESULT|rror|plan|step"
+        --gpu-mem-limit 16GiB --seq-len "${V100_SEQ:-43008}" --steps "${RECIPE_STEPS:-3}" --warmup 1 2>&1 | tee -a "$out/recipes4.log" | grep -E "RESULT|rror|plan|step"
       mpirun --allow-run-as-root -np "$n" -x LD_LIBRARY_PATH -x OMP_NUM_THREADS=8 --bind-to none "$dir/bin/longtune" bench train \
         --model 8b --offload optimizer --recompute layer --mlp-chunk 4096 --gpu-mem-limit 48GiB \
-        --seq-len "${A6000_SEQ:-65536}" --steps 3 --warmup 1 2>&1 | tee -a "$out/recipes4.log" | grep -E "RESULT|rror|plan|step" ;;
+        --seq-len "${A6000_SEQ:-65536}" --steps "${RECIPE_STEPS:-3}" --warmup 1 2>&1 | tee -a "$out/recipes4.log" | grep -E "RESULT|rror|plan|step" ;;
     attn)
       ATTN_BENCH_QUICK=1 "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaAttentionBench*' 2>&1 | tee "$out/attn_bench.log" | tail -12
       python3 "$dir/anchor_attn.py" 2>&1 | tee "$out/attn_anchor.log" | tail -8 ;;

@@ -169,27 +169,27 @@ TEST(ZeroEngineMpi, Bf16WireFollowsTheFp32Wire) {
     const Trained f32 = train_sharded(g, *comm, a, batch, c.optimizer, DType::F32, steps);
     const Trained b16 = train_sharded(g, *comm, a, batch, c.optimizer, DType::BF16, steps);
     // The bound: every rank holds the same batch, so NCCL's bf16 sum adds equal values (no
-    // cancellation; with 2 ranks a doubling, exact) and each gradient element ends up within a
-    // relative 2^-9 per rounding of its fp32 value. AdamW steps by lr * m / sqrt(v) per element
-    // (the clip coefficient is a common factor and nearly cancels); relative gradient errors e move
-    // that by at most about 2e * lr (once through m, once through sqrt(v)): 0.4% of lr per step,
-    // 1.2% of lr over 3 steps, while the largest update is about 3 lr. So first-order 0.4% of the
-    // largest update; 2e-2 leaves 5x for steps 2 and 3 seeing slightly different weights and for
-    // more ranks' roundings. A wrong or dropped piece, or a sum without one rank's share, is O(1).
+    // cancellation) and each gradient element ends up within a few 2^-9 roundings of its fp32 value.
+    // AdamW steps by lr * m / sqrt(v) per element; relative gradient errors e move that by about
+    // 2e * lr in step 1. From step 2 on the weights differ slightly, and an element whose gradient is
+    // near zero can flip its Adam direction (a difference of up to 2 lr in that element: measured half
+    // the largest update with 4 ranks), so the elementwise maximum is no bound; the update as a whole
+    // is: its L2 difference relative to the fp32 update (measured 4.5e-3 at 4 ranks) stays below
+    // 2e-2, while a wrong or dropped piece, or a sum without one rank's share, is O(1).
     double max_diff = 0, max_update = 0;
     for (size_t i = 0; i < g.weights.size(); ++i) {
       const double d32 = double(f32.weights[i]) - g.weights[i], d16 = double(b16.weights[i]) - g.weights[i];
       max_diff = std::max(max_diff, std::fabs(d16 - d32));
       max_update = std::max(max_update, std::fabs(d32));
     }
-    const double rel = max_diff / std::max(max_update, 1e-300);
+    const double l2 = rel_update(b16.weights, f32.weights, g.weights);
     const bool identical = std::memcmp(f32.weights.data(), b16.weights.data(), g.weights.size() * sizeof(float)) == 0;
     if (comm->rank() == 0)
-      std::printf("[zero-mpi] %d ranks, %s: bf16 wire vs fp32 wire: max update difference %.2e of the largest update "
-                  "(L2 %.2e)\n",
-                  comm->size(), c.name, rel, rel_update(b16.weights, f32.weights, g.weights));
+      std::printf("[zero-mpi] %d ranks, %s: bf16 wire vs fp32 wire: update L2 difference %.2e of the fp32 update "
+                  "(elementwise max %.2e of the largest)\n",
+                  comm->size(), c.name, l2, max_diff / std::max(max_update, 1e-300));
     EXPECT_GT(max_update, 0.0);
-    EXPECT_LT(rel, 2e-2);
+    EXPECT_LT(l2, 2e-2);
     EXPECT_FALSE(identical) << "the bf16 wire gave the fp32 wire's bits: it did not go through bf16";
     for (int s = 0; s < steps; ++s)
       EXPECT_NEAR(b16.losses[size_t(s)], f32.losses[size_t(s)], 1e-3 * f32.losses[size_t(s)]) << "step " << s + 1;
