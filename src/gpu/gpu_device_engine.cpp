@@ -140,6 +140,8 @@ class ZeroDeviceEngine final : public DeviceEngine {
            " | " + (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | " +
            activations_text(opt_.model) + " | " + opt_place + " | " + w_place +
            (engine_.world() > 1 && opt_.grad_wire_dtype == DType::BF16 ? " | gradients reduced in bf16" : "") +
+           (opt_.host_grad_dtype == DType::BF16 ? " | host gradients bf16" : "") +
+           (opt_.fetch_from_master ? " | weights fetched from the fp32 master" : "") +
            " | memory per rank: " + engine_.memory_plan().describe();
   }
   double peak_memory_gib() const override { return double(engine_.peak_device_bytes()) / double(1ull << 30); }
