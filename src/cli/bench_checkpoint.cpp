@@ -31,6 +31,7 @@
 #include "src/cli/options.hpp"
 #include "src/common/error.hpp"
 #include "src/model/param_table.hpp"
+#include "src/memory/host_memory.hpp"
 
 namespace po = boost::program_options;
 
@@ -179,16 +180,6 @@ CacheDrop drop_tree_cache(const std::string& dir) {
   for (const auto& e : fs::recursive_directory_iterator(dir))
     if (e.is_regular_file()) drop_file_cache(e.path().string(), d);
   return d;
-}
-
-int64_t mem_available_bytes() {
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  int64_t kb = 0;
-  std::string unit;
-  while (f >> key >> kb >> unit)
-    if (key == "MemAvailable:") return kb * 1024;
-  return -1;
 }
 
 std::string filesystem_type(const std::string& dir) {
@@ -376,7 +367,7 @@ int run_bench_checkpoint(int argc, char** argv) {
   if (bytes > 0.5 * free_bytes)
     throw ConfigError("--gib: a " + std::to_string(bytes / 1e9) + " GB state needs more than half of the " +
                       std::to_string(free_bytes / 1e9) + " GB free in " + o.dir);
-  const int64_t avail = mem_available_bytes();
+  const int64_t avail = host_memory_available();
 
   std::printf("longtune bench checkpoint: %.3f GiB state (%lld fp32 elements x 3; Llama-shaped table: %lld layers, "
               "hidden %lld, vocab %lld, %zu tensors), %d rank file(s), %d round(s)\n",

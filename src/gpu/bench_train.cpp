@@ -150,6 +150,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 mem_limit.c_str());
     std::printf("[bench] memory plan per rank: %s\n", plan.describe().c_str());
   }
+  gpu::check_host_memory(plan, comm);
   const AdamWConfig adamw{1e-5, 0.9, 0.999, 1e-8, 0.01, 1.0};
   ShardedTrainState state(table, comm, adamw, NumaPlacement{},
                           opt.optimizer == gpu::OptimizerPlace::kHost ? opt.host_grad_dtype : DType::F32);

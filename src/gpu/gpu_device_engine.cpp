@@ -196,7 +196,25 @@ gpu::GpuModelOptions model_options(const DeviceEngineOptions& o) {
   return m;
 }
 
+bool sharded_run(const DeviceEngineOptions& o, int world) {
+  return world > 1 || o.offload != "none" || o.weights == "streamed" || o.delayed_update;
+}
+
 }  // namespace
+
+void check_host_memory(const DeviceEngineOptions& o, const LlamaConfig& model_cfg, Comm& comm) {
+  if (!sharded_run(o, comm.size())) return;  // one GPU, all on it: the trainer's own copy only
+  gpu::ZeroEngineOptions opt;
+  opt.model = model_options(o);
+  opt.delayed_update = o.delayed_update;
+  opt.grad_wire_dtype = gpu::ZeroEngine::grad_wire_dtype_from_name(o.grad_reduce_dtype);
+  // --recompute auto is decided on the GPU later; the host plan takes the layer recomputation (its
+  // only host cost is the offloaded layer inputs, which auto drops when it keeps everything).
+  gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, o.recompute == "auto" ? "layer" : o.recompute,
+                                   model_cfg, comm.size());
+  gpu::ZeroEngine::apply_host_state(&opt, o.host_grad_dtype, o.host_weights);
+  gpu::check_host_memory(gpu::ZeroEngine::plan(model_cfg, opt, comm.size()), comm);
+}
 
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, const LlamaConfig& model_cfg,
                                                  const ParamTable& table, ShardedTrainState& state) {
@@ -211,8 +229,7 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
                       " ranks on this node and " + std::to_string(count) + " visible GPUs");
   CUDA_CHECK(cudaSetDevice(comm.local_rank() % count));
   if (o.gpu_mem_limit > 0) gpu::limit_device_memory(size_t(o.gpu_mem_limit));
-  const bool sharded = comm.size() > 1 || o.offload != "none" || o.weights == "streamed" || o.delayed_update;
-  if (!sharded) return make_device_engine(o, model_cfg, table);
+  if (!sharded_run(o, comm.size())) return make_device_engine(o, model_cfg, table);
   check_dtype(o.dtype);
   gpu::ZeroEngineOptions opt;
   opt.model = model_options(o);

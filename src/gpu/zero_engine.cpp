@@ -133,6 +133,19 @@ void ZeroEngine::apply_placement(ZeroEngineOptions* opt, const std::string& offl
   else opt->model.recompute = Recompute::kLayer;
 }
 
+void check_host_memory(const ZeroMemoryPlan& plan, Comm& comm) {
+  const int64_t available = host_memory_available();
+  const double need = double(plan.host_total()) * comm.local_size();
+  // Every rank decides on the largest shortfall of any node, so all of them refuse together.
+  double short_by[1] = {available < 0 ? 0.0 : need - double(available)};
+  comm.all_reduce_max(short_by, 1);
+  if (short_by[0] <= 0) return;
+  throw ConfigError("host memory: this run needs " + format_bytes(double(plan.host_total())) + " per rank (" +
+                    plan.describe() + ") x " + std::to_string(comm.local_size()) + " rank(s) on this node = " +
+                    format_bytes(need) + ", the node has " + format_bytes(double(std::max<int64_t>(available, 0))) +
+                    " available (--host-grad-dtype bf16 --host-weights master, more nodes, or `longtune plan`)");
+}
+
 void ZeroEngine::apply_host_state(ZeroEngineOptions* opt, const std::string& host_grad_dtype,
                                   const std::string& host_weights) {
   if (host_grad_dtype != "fp32" && host_grad_dtype != "bf16")

@@ -89,6 +89,11 @@ struct ZeroMemoryPlan {
   std::string describe() const;
 };
 
+// Before the host state is allocated: ConfigError, on every rank of `comm` together, with the plan's
+// numbers, when the plan's host memory per rank times the ranks on a node exceeds what that node
+// has available (MemAvailable).
+void check_host_memory(const ZeroMemoryPlan& plan, Comm& comm);
+
 // Per-step timeline (seconds of the last train_step; metrics and bench).
 struct ZeroTimeline {
   double step = 0;           // wall time of train_step

@@ -132,6 +132,15 @@ size_t page_size() {
   return ps;
 }
 
+int64_t host_memory_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string key, unit;
+  int64_t kb = 0;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024;
+  return -1;
+}
+
 size_t round_up_to_pages(size_t bytes) {
   const size_t ps = page_size();
   return (bytes + ps - 1) / ps * ps;

@@ -63,6 +63,9 @@ int numa_node_of_pci_device(const std::string& bus_id);
 size_t page_size();
 // bytes rounded up to a whole number of pages.
 size_t round_up_to_pages(size_t bytes);
+// MemAvailable of /proc/meminfo in bytes: what this node can still allocate without swapping
+// (-1 where the kernel does not report it).
+int64_t host_memory_available();
 
 class HostArena {
  public:

@@ -35,6 +35,8 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt,
   return make_device_engine(opt, cfg, table);
 }
 
+void check_host_memory(const DeviceEngineOptions&, const LlamaConfig&, Comm&) {}
+
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig&,
                                                  const ParamTable&) {
   throw ConfigError("--device " + opt.device + ": expected cpu, this longtune was built without CUDA");

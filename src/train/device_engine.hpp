@@ -74,6 +74,7 @@ struct DeviceEngineOptions {
 DeviceEngineOptions device_engine_options(const TrainConfig& cfg);
 
 class ShardedTrainState;
+class Comm;
 
 // The engine for opt.device ("cuda") on GPU local_rank of this node: the single-GPU engine, or the
 // sharded one (src/gpu/zero_engine.hpp) for several ranks or any offload, working on `state`.
@@ -81,6 +82,10 @@ class ShardedTrainState;
 // the memory plan's numbers), before any step.
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig& model_cfg,
                                                  const ParamTable& table, ShardedTrainState& state);
+// Before the state is allocated: the host memory the run's plan needs per rank, times the ranks on
+// this node, against what the node has available. ConfigError on every rank (collective) with the
+// plan's numbers when it does not fit. No-op for the single-GPU engine and in CPU-only builds.
+void check_host_memory(const DeviceEngineOptions& opt, const LlamaConfig& model_cfg, Comm& comm);
 // The single-GPU engine on GPU 0 with its own state (evaluation: upload weights, forward only).
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& opt, const LlamaConfig& model_cfg,
                                                  const ParamTable& table);

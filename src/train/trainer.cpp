@@ -157,6 +157,8 @@ void Trainer::Impl::setup() {
   comm.barrier();
 
   // ---- this rank's shard of the state, and the initial weights ----
+  // A GPU run whose host state cannot fit this node is refused before it is allocated.
+  if (cfg.device == "cuda") check_host_memory(device_engine_options(cfg), model_cfg, comm);
   // bf16 host gradients (GPU offload) shrink the state's gradient array; nothing else reads it.
   const bool bf16_host_grads = cfg.device == "cuda" && cfg.offload != "none" && cfg.host_grad_dtype == "bf16";
   state = std::make_unique<ShardedTrainState>(*table, comm, cfg.adamw, NumaPlacement{},

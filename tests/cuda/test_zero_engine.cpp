@@ -337,3 +337,23 @@ TEST(GpuZeroEngine, Bf16HostGradientsFollowFp32) {
     }
   }
 }
+
+// The host check before the state is allocated (no GPU needed): a plan larger than this node's
+// available memory is refused with its numbers, a small one passes.
+TEST(GpuZeroEngine, HostMemoryCheckRefusesAPlanTheNodeCannotHold) {
+  std::unique_ptr<Comm> comm = make_comm();
+  const int64_t available = host_memory_available();
+  if (available < 0) GTEST_SKIP() << "no MemAvailable on this system";
+  gpu::ZeroMemoryPlan plan;
+  plan.host_state = size_t(available) + (size_t(1) << 30);
+  try {
+    gpu::check_host_memory(plan, *comm);
+    ADD_FAILURE() << "a plan 1 GiB above MemAvailable was accepted";
+  } catch (const ConfigError& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("host memory: this run needs"), std::string::npos) << what;
+    EXPECT_NE(what.find("--host-grad-dtype bf16"), std::string::npos) << what;
+  }
+  plan.host_state = size_t(1) << 20;
+  EXPECT_NO_THROW(gpu::check_host_memory(plan, *comm));
+}
