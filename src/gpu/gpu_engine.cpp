@@ -77,22 +77,7 @@ GpuMemoryPlan GpuEngine::plan(const LlamaConfig& cfg, const GpuEngineOptions& op
 
 void GpuEngine::apply_recompute(const std::string& name, const LlamaConfig& cfg, GpuEngineOptions* opt,
                                 size_t device_free) {
-  if (name != "none" && name != "layer" && name != "auto")
-    throw ConfigError("--recompute: expected none, layer or auto, got '" + name + "'");
-  if (name == "none" && opt->model.offload_activations)
-    throw ConfigError("--offload-activations: expected --recompute layer or auto, got --recompute none");
-  if (name != "auto") {
-    opt->model.recompute = name == "none" ? Recompute::kNone : Recompute::kLayer;
-    return;
-  }
-  // Keeping every activation is the fastest, and with nothing recomputed there are no layer inputs
-  // to offload.
-  GpuEngineOptions keep = *opt;
-  keep.model.recompute = Recompute::kNone;
-  keep.model.offload_activations = false;
-  if (device_free == 0) device_free = device_memory_info().free;
-  if (double(plan(cfg, keep).total()) <= 0.95 * double(device_free)) *opt = keep;
-  else opt->model.recompute = Recompute::kLayer;
+  apply_recompute_option(name, opt, device_free, [&](const GpuEngineOptions& o) { return plan(cfg, o).total(); });
 }
 
 GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,

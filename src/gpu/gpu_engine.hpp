@@ -15,6 +15,7 @@
 #include <string>
 
 #include "kernels/cuda/adamw.cuh"
+#include "src/common/error.hpp"
 #include "src/gpu/device_memory.hpp"
 #include "src/gpu/llama_gpu.hpp"
 #include "src/optim/adamw.hpp"
@@ -69,6 +70,29 @@ class LossScaler {
   double scale_;
   int64_t window_, good_steps_ = 0;
 };
+
+// --recompute none | layer | auto into opt->model, for either engine's options: auto keeps every
+// activation (kNone, and then no layer inputs to offload) when device_bytes(that choice) fits in 95%
+// of `device_free` (0: the current GPU's free memory), else recomputes per layer with the
+// activation options as asked. ConfigError for other names, and for none with offload_activations.
+template <class EngineOptions, class DeviceBytes>
+void apply_recompute_option(const std::string& name, EngineOptions* opt, size_t device_free,
+                            DeviceBytes device_bytes) {
+  if (name != "none" && name != "layer" && name != "auto")
+    throw ConfigError("--recompute: expected none, layer or auto, got '" + name + "'");
+  if (name == "none" && opt->model.offload_activations)
+    throw ConfigError("--offload-activations: expected --recompute layer or auto, got --recompute none");
+  if (name != "auto") {
+    opt->model.recompute = name == "none" ? Recompute::kNone : Recompute::kLayer;
+    return;
+  }
+  EngineOptions keep = *opt;
+  keep.model.recompute = Recompute::kNone;
+  keep.model.offload_activations = false;
+  if (device_free == 0) device_free = device_memory_info().free;
+  if (double(device_bytes(keep)) <= 0.95 * double(device_free)) *opt = keep;
+  else opt->model.recompute = Recompute::kLayer;
+}
 
 class GpuEngine {
  public:

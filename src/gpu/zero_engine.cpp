@@ -113,24 +113,10 @@ void ZeroEngine::apply_placement(ZeroEngineOptions* opt, const std::string& offl
     throw ConfigError("--offload: expected none, optimizer or params, got '" + offload + "'");
   if (weights != "resident" && weights != "streamed")
     throw ConfigError("--weights: expected resident or streamed, got '" + weights + "'");
-  if (recompute != "none" && recompute != "layer" && recompute != "auto")
-    throw ConfigError("--recompute: expected none, layer or auto, got '" + recompute + "'");
-  if (recompute == "none" && opt->model.offload_activations)
-    throw ConfigError("--offload-activations: expected --recompute layer or auto, got --recompute none");
   opt->optimizer = offload == "none" ? OptimizerPlace::kDevice : OptimizerPlace::kHost;
   opt->weights = (offload == "params" || weights == "streamed") ? WeightPlace::kStreamed : WeightPlace::kResident;
-  if (recompute != "auto") {
-    opt->model.recompute = recompute == "none" ? Recompute::kNone : Recompute::kLayer;
-    return;
-  }
-  // Keeping every activation is the fastest, and with nothing recomputed there are no layer inputs
-  // to offload.
-  ZeroEngineOptions keep = *opt;
-  keep.model.recompute = Recompute::kNone;
-  keep.model.offload_activations = false;
-  if (device_free == 0) device_free = device_memory_info().free;
-  if (double(plan(cfg, keep, world).device_total()) <= 0.95 * double(device_free)) *opt = keep;
-  else opt->model.recompute = Recompute::kLayer;
+  apply_recompute_option(recompute, opt, device_free,
+                         [&](const ZeroEngineOptions& o) { return plan(cfg, o, world).device_total(); });
 }
 
 void check_host_memory(const ZeroMemoryPlan& plan, Comm& comm) {
