@@ -22,6 +22,7 @@
 #include "src/gpu/zero_engine.hpp"
 #include "src/memory/host_memory.hpp"
 #include "src/optim/kokkos_scope.hpp"
+#include "src/train/node_memory.hpp"
 #include "src/train/sharded_state.hpp"
 #include "src/train/train_config.hpp"
 
@@ -187,6 +188,8 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
   double peak[1] = {double(engine.peak_device_bytes()) / double(1ull << 30)};
   comm.all_reduce_max(peak, 1);
   const NumaUsage numa = host_memory_per_node();
+  int node_ranks = 0;
+  const NumaUsage node_numa = node_host_memory_per_numa(comm, &node_ranks);  // collective
   const double rs_s = median(from(comm_s));
   const double algbw = rs_s > 0 ? comm_b.back() / rs_s / 1e9 : 0.0;  // the same bytes every step
   if (root) {
@@ -195,7 +198,7 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 "\"tokens_per_s\":%.1f,\"tokens_per_s_per_gpu\":%.1f,\"mfu_vs_790\":%.3f,\"peak_gib\":%.2f,"
                 "\"planned_device_gib\":%.2f,\"gpu_compute_s\":%.4f,\"cpu_optimizer_s\":%.4f,\"wait_weights_s\":%.4f,"
                 "\"wait_grads_s\":%.4f,\"delayed_update\":%s,\"host_grad_dtype\":\"%s\",\"host_weights\":\"%s\",\"grad_reduce_dtype\":\"%s\",\"reduce_scatter_s\":%.4f,\"reduce_scatter_algbw_gbps\":%.1f,"
-                "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"offload_activations\":%s,\"mlp_chunk\":%lld,"
+                "\"reduce_scatter_busbw_gbps\":%.1f,\"host_gib\":%.2f,\"node_host_gib\":%.2f,\"offload_activations\":%s,\"mlp_chunk\":%lld,"
                 "\"planned_host_pinned_gib\":%.2f,\"loss\":%.4f}\n",
                 model.c_str(), (long long)seq, offload == "none" ? "gpu" : "offload", comm.size(), dtype.c_str(),
                 opt.model.recompute == gpu::Recompute::kNone ? "none" : "layer",
@@ -205,15 +208,16 @@ int run_bench_train_sharded(const LlamaConfig& cfg, const ParamTable& table, Com
                 median(from(wait_w)), median(from(wait_g)), delayed ? "true" : "false", host_grad.c_str(),
                 host_weights.c_str(), grad_reduce.c_str(), median(from(comm_s)),
                 algbw, algbw * double(comm.size() - 1) / double(comm.size()), double(numa.total()) / double(1ull << 30),
-                opt.model.offload_activations ? "true" : "false", (long long)effective_mlp_chunk(opt.model),
+                double(node_numa.total()) / double(1ull << 30), opt.model.offload_activations ? "true" : "false", (long long)effective_mlp_chunk(opt.model),
                 double(plan.host_pinned) / double(1ull << 30), loss.mean());
     std::printf("[RESULT] peak VRAM per GPU: %.2f GiB (planned %.2f GiB)\n", peak[0],
                 double(plan.device_total()) / double(1ull << 30));
     std::printf("[RESULT] average iteration latency: %.4f s (median of %zu)\n", step_s, times.size() - size_t(warmup));
     std::printf("[RESULT] tokens per iteration: %lld\n", (long long)(seq * comm.size()));
     std::printf("[RESULT] throughput: %.1f tokens/s\n", tps);
-    std::printf("[RESULT] %s (rank 0; planned host %.2f GiB per rank)\n", format_numa_usage(numa).c_str(),
-                double(plan.host_total()) / double(1ull << 30));
+    std::printf("[RESULT] %s (the %d rank(s) on rank 0's host; planned %.2f GiB per rank)\n",
+                format_numa_usage(node_numa).c_str(), node_ranks, double(plan.host_total()) / double(1ull << 30));
+    std::printf("[bench] rank 0 alone: %s\n", format_numa_usage(numa).c_str());
   }
   return 0;
 }
