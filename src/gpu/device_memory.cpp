@@ -78,6 +78,14 @@ DeviceMemoryInfo device_memory_info() {
   return m;
 }
 
+size_t check_device_memory(size_t needed, const std::string& plan, const std::string& hints) {
+  const DeviceMemoryInfo mem = device_memory_info();
+  if (needed > mem.free)
+    throw ConfigError("GPU memory: this run needs " + plan + ", the GPU has " + format_bytes(double(mem.free)) +
+                      " free of " + format_bytes(double(mem.total)) + " (" + hints + ")");
+  return mem.total - mem.free;
+}
+
 std::string format_bytes(double bytes) {
   char buf[32];
   if (bytes >= double(1ull << 30)) std::snprintf(buf, sizeof buf, "%.2f GiB", bytes / double(1ull << 30));

@@ -63,5 +63,9 @@ DeviceMemoryInfo device_memory_info();
 // No effect when limit >= the GPU's memory. ConfigError when the GPU has too little free memory.
 void limit_device_memory(size_t limit);
 std::string format_bytes(double bytes);  // "12.3 GiB"
+// An engine's start: ConfigError "GPU memory: this run needs <plan>, the GPU has <free> free of
+// <total> (<hints>)" when `needed` bytes exceed the free device memory; else the bytes already in use
+// (the baseline its peak is measured above).
+size_t check_device_memory(size_t needed, const std::string& plan, const std::string& hints);
 
 }  // namespace longtune::gpu

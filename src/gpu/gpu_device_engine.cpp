@@ -33,6 +33,13 @@ std::string activations_text(const gpu::GpuModelOptions& m) {
   return s;
 }
 
+std::string gpu_name(int device) {
+  cudaDeviceProp p{};
+  CUDA_CHECK(cudaGetDeviceProperties(&p, device));
+  return "GPU " + std::to_string(device) + ": " + p.name + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) +
+         ")";
+}
+
 class GpuDeviceEngine final : public DeviceEngine {
  public:
   GpuDeviceEngine(const LlamaConfig& cfg, const ParamTable& table, const AdamWConfig& adamw,
@@ -69,11 +76,7 @@ class GpuDeviceEngine final : public DeviceEngine {
   void set_loss_scale(double s) override { engine_.set_loss_scale(s); }
 
   std::string describe() const override {
-    cudaDeviceProp p{};
-    CUDA_CHECK(cudaGetDeviceProperties(&p, device_));
-    return "GPU " + std::to_string(device_) + ": " + p.name + " (sm_" + std::to_string(p.major) +
-           std::to_string(p.minor) + ") | " +
-           (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | " +
+    return gpu_name(device_) + " | " + (opt_.model.compute_dtype == DType::F16 ? "fp16 + loss scaling" : "bf16") + " | " +
            activations_text(opt_.model) + " | memory: " + engine_.memory_plan().describe();
   }
   double peak_memory_gib() const override { return double(engine_.peak_device_bytes()) / double(1ull << 30); }
@@ -85,13 +88,6 @@ class GpuDeviceEngine final : public DeviceEngine {
   int device_ = 0;
   double peak_flops_ = 0;
 };
-
-std::string gpu_name(int device) {
-  cudaDeviceProp p{};
-  CUDA_CHECK(cudaGetDeviceProperties(&p, device));
-  return "GPU " + std::to_string(device) + ": " + p.name + " (sm_" + std::to_string(p.major) + std::to_string(p.minor) +
-         ")";
-}
 
 // Several ranks (NCCL) and/or ZeRO-Offload: gpu::ZeroEngine on the trainer's own shard.
 class ZeroDeviceEngine final : public DeviceEngine {
@@ -200,19 +196,27 @@ bool sharded_run(const DeviceEngineOptions& o, int world) {
   return world > 1 || o.offload != "none" || o.weights == "streamed" || o.delayed_update;
 }
 
-}  // namespace
-
-void check_host_memory(const DeviceEngineOptions& o, const LlamaConfig& model_cfg, Comm& comm) {
-  if (!sharded_run(o, comm.size())) return;  // one GPU, all on it: the trainer's own copy only
+// The sharded engine's options from train's strings (ConfigError for bad ones). `recompute` may
+// differ from o.recompute (the host check decides before the GPU can answer auto).
+gpu::ZeroEngineOptions zero_options(const DeviceEngineOptions& o, const std::string& recompute,
+                                    const LlamaConfig& model_cfg, int world) {
   gpu::ZeroEngineOptions opt;
   opt.model = model_options(o);
   opt.delayed_update = o.delayed_update;
   opt.grad_wire_dtype = gpu::ZeroEngine::grad_wire_dtype_from_name(o.grad_reduce_dtype);
+  gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, recompute, model_cfg, world);
+  gpu::ZeroEngine::apply_host_state(&opt, o.host_grad_dtype, o.host_weights);
+  return opt;
+}
+
+}  // namespace
+
+void check_host_memory(const DeviceEngineOptions& o, const LlamaConfig& model_cfg, Comm& comm) {
+  if (!sharded_run(o, comm.size())) return;  // one GPU, all on it: the trainer's own copy only
   // --recompute auto is decided on the GPU later; the host plan takes the layer recomputation (its
   // only host cost is the offloaded layer inputs, which auto drops when it keeps everything).
-  gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, o.recompute == "auto" ? "layer" : o.recompute,
-                                   model_cfg, comm.size());
-  gpu::ZeroEngine::apply_host_state(&opt, o.host_grad_dtype, o.host_weights);
+  const gpu::ZeroEngineOptions opt =
+      zero_options(o, o.recompute == "auto" ? "layer" : o.recompute, model_cfg, comm.size());
   gpu::check_host_memory(gpu::ZeroEngine::plan(model_cfg, opt, comm.size()), comm);
 }
 
@@ -231,13 +235,8 @@ std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, c
   if (o.gpu_mem_limit > 0) gpu::limit_device_memory(size_t(o.gpu_mem_limit));
   if (!sharded_run(o, comm.size())) return make_device_engine(o, model_cfg, table);
   check_dtype(o.dtype);
-  gpu::ZeroEngineOptions opt;
-  opt.model = model_options(o);
-  opt.delayed_update = o.delayed_update;
-  opt.grad_wire_dtype = gpu::ZeroEngine::grad_wire_dtype_from_name(o.grad_reduce_dtype);
-  gpu::ZeroEngine::apply_placement(&opt, o.offload, o.weights, o.recompute, model_cfg, comm.size());
-  gpu::ZeroEngine::apply_host_state(&opt, o.host_grad_dtype, o.host_weights);
-  return std::make_unique<ZeroDeviceEngine>(model_cfg, table, o.adamw, opt, state);
+  return std::make_unique<ZeroDeviceEngine>(model_cfg, table, o.adamw,
+                                            zero_options(o, o.recompute, model_cfg, comm.size()), state);
 }
 
 std::unique_ptr<DeviceEngine> make_device_engine(const DeviceEngineOptions& o, const LlamaConfig& model_cfg,

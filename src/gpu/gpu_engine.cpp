@@ -87,13 +87,9 @@ GpuEngine::GpuEngine(const LlamaConfig& cfg, const ParamTable& table, const Adam
       opt_(opt),
       plan_(plan(cfg, opt)),
       scaler_(opt.model.compute_dtype, opt.initial_loss_scale, opt.loss_scale_window) {
-  const DeviceMemoryInfo mem = device_memory_info();
-  baseline_used_ = mem.total - mem.free;
-  if (plan_.total() > mem.free)
-    throw ConfigError("GPU memory: this run needs " + plan_.describe() + ", the GPU has " +
-                      format_bytes(double(mem.free)) + " free of " + format_bytes(double(mem.total)) +
-                      " (shorter --seq-len, smaller --micro-batch, --recompute layer, --offload-activations true, "
-                      "--mlp-chunk 4096; longtune plan)");
+  baseline_used_ = check_device_memory(plan_.total(), plan_.describe(),
+                                       "shorter --seq-len, smaller --micro-batch, --recompute layer, "
+                                       "--offload-activations true, --mlp-chunk 4096; longtune plan");
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 
   const int64_t n = table.total_elements();

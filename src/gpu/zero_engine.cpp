@@ -206,7 +206,7 @@ class ZeroEngine::Access final : public GpuParamAccess {
   uint64_t use_counter = 0;
   std::vector<int> slot_of;  // per block, -1 if not in a slot
   std::vector<int> grad_touched;  // per block: zeroed this micro-batch
-  float* piece = nullptr;         // reduce-scatter output (world > 1)
+  float* piece = nullptr;         // bf16 wire: the reduced piece widened to fp32 (fp32 reduces in place)
   uint16_t* wire = nullptr;       // bf16 wire: the block's gradient in bf16 (the largest block)
   uint16_t* wire_piece = nullptr; // bf16 wire: this rank's reduced piece, before widening to fp32
   float* host_staging = nullptr;  // kHost, later micro-batches: D2H target before the CPU adds
@@ -459,13 +459,9 @@ ZeroEngine::ZeroEngine(const LlamaConfig& cfg, const ParamTable& table, const Ad
     throw ConfigError("--grad-reduce-dtype: expected fp32 or bf16, got " +
                       std::string(dtype_name(opt.grad_wire_dtype)));
   plan_ = plan(cfg, opt, world_);
-  const DeviceMemoryInfo mem = device_memory_info();
-  baseline_used_ = mem.total - mem.free;
-  if (plan_.device_total() > mem.free)
-    throw ConfigError("GPU memory: this run needs " + plan_.describe() + ", the GPU has " +
-                      format_bytes(double(mem.free)) + " free of " + format_bytes(double(mem.total)) +
-                      " (shorter --seq-len, --recompute layer, --offload-activations true, --mlp-chunk 4096, "
-                      "--offload optimizer, --weights streamed; longtune plan)");
+  baseline_used_ = check_device_memory(plan_.device_total(), plan_.describe(),
+                                       "shorter --seq-len, --recompute layer, --offload-activations true, "
+                                       "--mlp-chunk 4096, --offload optimizer, --weights streamed; longtune plan");
   const Sizes z(table, world_);
   LT_CHECK(z.shard_len == state.shard_len(), "ZeroEngine: the state's shard does not match the layout");
 

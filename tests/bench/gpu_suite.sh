@@ -10,6 +10,23 @@ out="${OUT:-/tmp/gpu_suite}"; mkdir -p "$out"
 export LD_LIBRARY_PATH="$PWD/$dir/lib:${LD_LIBRARY_PATH:-}" LONGTUNE_FIXTURE_DIR="$PWD/tests/fixtures"
 export OMP_NUM_THREADS=8 PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+
+# resume_check LABEL TRAIN-OPTIONS...: 40 steps straight vs 20 + stop + resume on the built-in task;
+# the exported weights must be byte-identical.
+resume_check() {
+  local label="$1"; shift
+  local a="/tmp/rc-${label// /_}-a" b="/tmp/rc-${label// /_}-b" r
+  rm -rf "$a" "$b"
+  local common="--device cuda --steps 40 --eval-every -1 --log-every 20 $*"
+  "$dir/bin/longtune" train $common --run-dir "$a" > "$a.log" 2>&1
+  "$dir/bin/longtune" train $common --run-dir "$b" --stop-after 20 > "$b.log" 2>&1
+  "$dir/bin/longtune" train $common --run-dir "$b" >> "$b.log" 2>&1
+  "$dir/bin/longtune" export --run-dir "$a" --out "$a/hf" --dtype fp32 > /dev/null
+  "$dir/bin/longtune" export --run-dir "$b" --out "$b/hf" --dtype fp32 > /dev/null
+  if cmp -s "$a/hf/model.safetensors" "$b/hf/model.safetensors"; then r=IDENTICAL; else r=DIFFERENT; fi
+  echo "resume $label: 40 steps straight vs 20 + stop + resume: $r" | tee -a "$out/resume.log"
+  tail -3 "$a.log" >> "$out/resume.log"
+}
 for part in "$@"; do
   case "$part" in
     tests)
@@ -31,18 +48,9 @@ for part in "$@"; do
     nondet)
       "$dir/bin/longtune" bench train --model 1b --seq-len 16384 --nondeterministic-attention 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT \{" ;;
     resume)
-      # N steps straight vs N/2 + stop + resume: exported weights must be byte-identical.
       for variant in "bf16 auto" "fp16 auto" "fp16 sm75"; do
         set -- $variant
-        a=/tmp/rc-$1-$2-a; b=/tmp/rc-$1-$2-b; rm -rf $a $b
-        common="--device cuda --dtype $1 --attention $2 --steps 40 --eval-every -1 --log-every 20"
-        "$dir/bin/longtune" train $common --run-dir $a > $a.log 2>&1
-        "$dir/bin/longtune" train $common --run-dir $b --stop-after 20 > $b.log 2>&1
-        "$dir/bin/longtune" train $common --run-dir $b >> $b.log 2>&1
-        "$dir/bin/longtune" export --run-dir $a --out $a/hf --dtype fp32 > /dev/null
-        "$dir/bin/longtune" export --run-dir $b --out $b/hf --dtype fp32 > /dev/null
-        if cmp -s $a/hf/model.safetensors $b/hf/model.safetensors; then r=IDENTICAL; else r=DIFFERENT; fi
-        echo "resume $1 attention=$2: 40 steps straight vs 20 + stop + resume: $r" | tee -a "$out/resume.log"
+        resume_check "$1 attention=$2" --dtype "$1" --attention "$2"
       done ;;
     bench1b)
       "$dir/bin/longtune" bench train --model 1b --seq-len 16384 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
@@ -113,18 +121,10 @@ for part in "$@"; do
           | grep -E "GPU|step +30/|done|error" | cut -c1-400
       done ;;
     resume-offload)
-      # Offloaded optimizer: N steps straight vs N/2 + stop + resume, exported weights byte-identical.
+      # Offloaded optimizer, also with the lean host state (bf16 host gradients, weights from the master).
       for off in optimizer params; do
-        a=/tmp/ro-$off-a; b=/tmp/ro-$off-b; rm -rf $a $b
-        common="--device cuda --offload $off --steps 40 --eval-every -1 --log-every 20"
-        "$dir/bin/longtune" train $common --run-dir $a > $a.log 2>&1
-        "$dir/bin/longtune" train $common --run-dir $b --stop-after 20 > $b.log 2>&1
-        "$dir/bin/longtune" train $common --run-dir $b >> $b.log 2>&1
-        "$dir/bin/longtune" export --run-dir $a --out $a/hf --dtype fp32 > /dev/null
-        "$dir/bin/longtune" export --run-dir $b --out $b/hf --dtype fp32 > /dev/null
-        if cmp -s $a/hf/model.safetensors $b/hf/model.safetensors; then r=IDENTICAL; else r=DIFFERENT; fi
-        echo "resume --offload $off: 40 steps straight vs 20 + stop + resume: $r ($(grep -h 'accuracy\|final' $a.log | tail -1))" | tee -a "$out/resume.log"
-        tail -3 $a.log >> "$out/resume.log"
+        resume_check "--offload $off" --offload $off
+        resume_check "--offload $off lean host" --offload $off --host-grad-dtype bf16 --host-weights master
       done ;;
     lean8b)
       # Llama-3.1-8B on one GPU (issue 6): the plan, then tokens/s at 32K under a 48 GiB cap (exact and
