@@ -221,8 +221,10 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
           "'" + c.host_grad_dtype + "'");
   require(c.host_weights == "copy" || c.host_weights == "master", "host-weights", "copy or master",
           "'" + c.host_weights + "'");
-  require(c.offload != "none" || (c.host_grad_dtype == "fp32" && c.host_weights == "copy"), "host-grad-dtype",
-          "--offload optimizer or params with --host-grad-dtype bf16 or --host-weights master", "--offload none");
+  require(c.offload != "none" || c.host_grad_dtype == "fp32", "host-grad-dtype",
+          "--offload optimizer or params with --host-grad-dtype bf16", "--offload none");
+  require(c.offload != "none" || c.host_weights == "copy", "host-weights",
+          "--offload optimizer or params with --host-weights master", "--offload none");
   require(!c.delayed_update || (c.offload == "optimizer" && c.weights == "resident"), "delayed-update",
           "--offload optimizer with --weights resident", "--offload " + c.offload + " --weights " + c.weights);
   require(c.mlp_chunk >= 0, "mlp-chunk", "a token count >= 0 (0: no tiling)", std::to_string(c.mlp_chunk));
