@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 namespace longtune::cuda {
 
@@ -15,7 +16,10 @@ namespace longtune::cuda {
 enum class AttentionKernel {
   kAuto,           // the fastest one this GPU and dtype support
   kTensorCore,     // mma.sync m16n8k16, cp.async pipelining (sm_80+, bf16 or fp16)
-  kTensorCoreSm75  // fp16 only, instructions sm_75 has (m16n8k8 mma, ldmatrix, no cp.async): V100/T4 class
+  kTensorCoreSm75, // fp16 only, instructions sm_75 has (m16n8k8 mma, ldmatrix, no cp.async): V100/T4 class
+  kCudnn           // cuDNN's fused flash attention (sm_80+, cuDNN 9; dq by fp32 atomics, so never
+                   // bit-reproducible). Packed multi-document batches run kTensorCore with
+                   // nondeterministic dq instead. See attention_cudnn.cuh.
 };
 
 struct AttentionOptions {
@@ -46,5 +50,9 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
                         int64_t HD, const AttentionOptions& opt, void* workspace, cudaStream_t stream);
 size_t attention_backward_workspace_bytes(int64_t T, int64_t NH, int64_t NKV, int64_t HD,
                                           const AttentionOptions& opt);
+
+// Empty when AttentionKernel::kCudnn can run on the current device, otherwise why not (no cuDNN
+// in the build, cuDNN older than 9, GPU older than sm_80).
+std::string cudnn_attention_unavailable_reason();
 
 }  // namespace longtune::cuda

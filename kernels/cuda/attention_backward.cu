@@ -18,6 +18,7 @@
 #include <cmath>
 
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/attention_cudnn.cuh"
 
 // Warp tile of the atomic dQ product: 1 = 32 query rows per warp where the split allows, 0 = 16.
 #ifndef LT_ATTN_DQ_MQ2
@@ -880,8 +881,11 @@ constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t attention_backward_workspace_bytes(int64_t T, int64_t NH, int64_t NKV, int64_t HD,
                                           const AttentionOptions& opt) {
   (void)NKV;
+  // kCudnn: its softmax_sum and dq accumulator have the sizes of our D and nondeterministic dq
+  // accumulator, which its multi-document fallback uses.
   size_t bytes = attn_detail::align256(size_t(T) * size_t(NH) * sizeof(float));  // D
-  if (opt.nondeterministic_dq) bytes += attn_detail::align256(size_t(T) * size_t(NH) * size_t(HD) * sizeof(float));
+  if (opt.nondeterministic_dq || opt.kernel == AttentionKernel::kCudnn)
+    bytes += attn_detail::align256(size_t(T) * size_t(NH) * size_t(HD) * sizeof(float));
   return bytes;
 }
 
@@ -896,12 +900,22 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   if (misaligned(dq) || misaligned(dk) || misaligned(dv) || misaligned(dout) || misaligned(out))
     throw ConfigError("attention: dq, dk, dv, dout and out must be 16-byte aligned");
   if (misaligned(workspace)) throw ConfigError("attention: workspace must be 16-byte aligned");
-  const AttentionKernel kind = resolve_kernel<scalar_t>(opt.kernel);
+  AttentionKernel kind = resolve_kernel<scalar_t>(opt.kernel);
   if (T == 0 || num_segments == 0) return;
+  bool atomic_dq = opt.nondeterministic_dq;
+  if (kind == AttentionKernel::kCudnn) {
+    if (cudnn_runs(num_segments, T, opt)) {
+      cudnn_attention_backward(cudnn_dtype<scalar_t>(), dq, dk, dv, dout, q, k, v, out, lse, T, NH, NKV, HD, ld.q,
+                               ld.k, ld.v, workspace, stream);
+      return;
+    }
+    kind = AttentionKernel::kTensorCore;
+    atomic_dq = true;
+  }
 
   float* D = static_cast<float*>(workspace);
   float* dq_accum = nullptr;
-  if (opt.nondeterministic_dq) {
+  if (atomic_dq) {
     dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(size_t(T) * NH * sizeof(float)));
     CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * NH * HD * sizeof(float), stream));
   }
@@ -937,11 +951,11 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   p.scale = float(1.0 / std::sqrt(double(HD)));
   p.scale_log2 = p.scale * kLog2e;
   if (HD == 128)
-    dispatch_bwd<scalar_t, 128>(kind, opt.nondeterministic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
+    dispatch_bwd<scalar_t, 128>(kind, atomic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
   else
-    dispatch_bwd<scalar_t, 64>(kind, opt.nondeterministic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
+    dispatch_bwd<scalar_t, 64>(kind, atomic_dq, p, NKV, opt.max_seqlen, num_segments, stream);
 
-  if (opt.nondeterministic_dq) {
+  if (atomic_dq) {
     const int64_t pairs = rows * (HD / 2);
     const unsigned blocks = unsigned((pairs + 255) / 256);
     if (HD == 128)

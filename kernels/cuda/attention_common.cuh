@@ -209,6 +209,9 @@ AttentionKernel resolve_kernel(AttentionKernel requested) {
     case AttentionKernel::kTensorCore:
       if (cc < 80) throw ConfigError("attention: kTensorCore needs sm_80 or newer; this GPU is " + gpu);
       return requested;
+    case AttentionKernel::kCudnn:
+      if (cc < 80) throw ConfigError("attention: kCudnn needs sm_80 or newer; this GPU is " + gpu);
+      return requested;
     case AttentionKernel::kTensorCoreSm75:
       if (!is_half) throw ConfigError("attention: kTensorCoreSm75 runs fp16 only");
       if (cc < 75) throw ConfigError("attention: kTensorCoreSm75 needs sm_75 or newer; this GPU is " + gpu);

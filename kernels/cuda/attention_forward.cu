@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "kernels/cuda/attention_common.cuh"
+#include "kernels/cuda/attention_cudnn.cuh"
 
 namespace longtune::cuda {
 
@@ -295,8 +296,15 @@ void attention_forward(scalar_t* out, float* lse, const scalar_t* q, const scala
   using namespace attn_detail;
   const Strides ld = check_attention_args(q, k, v, num_segments, T, NH, NKV, HD, opt);
   if (reinterpret_cast<uintptr_t>(out) % 16) throw ConfigError("attention: out must be 16-byte aligned");
-  const AttentionKernel kind = resolve_kernel<scalar_t>(opt.kernel);
+  AttentionKernel kind = resolve_kernel<scalar_t>(opt.kernel);
   if (T == 0 || num_segments == 0) return;
+  if (kind == AttentionKernel::kCudnn) {
+    if (cudnn_runs(num_segments, T, opt)) {
+      cudnn_attention_forward(cudnn_dtype<scalar_t>(), out, lse, q, k, v, T, NH, NKV, HD, ld.q, ld.k, ld.v, stream);
+      return;
+    }
+    kind = AttentionKernel::kTensorCore;
+  }
   FwdParams<scalar_t> p{};
   p.out = out;
   p.lse = lse;

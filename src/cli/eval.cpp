@@ -44,7 +44,7 @@ int run_eval(int argc, char** argv) {
       ("device", po::value(&device)->default_value("cpu"), "cpu or cuda (the forward on one GPU)")
       ("dtype", po::value(&dtype)->default_value("bf16"), "GPU compute dtype: bf16 or fp16")
       ("attention", po::value(&attention)->default_value("auto"),
-       "GPU attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 only)");
+       "GPU attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 only), cudnn (sm_80+)");
   po::variables_map vm;
   if (!parse_command_line(argc, argv, desc, vm)) return 0;  // --help
   if (seq_len < 2) throw ConfigError("--seq-len: expected an integer >= 2, got " + std::to_string(seq_len));
@@ -53,8 +53,8 @@ int run_eval(int argc, char** argv) {
     throw ConfigError("--model-dir given without --data: expected both, or neither for the built-in task");
   if (device != "cpu" && device != "cuda") throw ConfigError("--device: expected cpu or cuda, got '" + device + "'");
   if (dtype != "bf16" && dtype != "fp16") throw ConfigError("--dtype: expected bf16 or fp16, got '" + dtype + "'");
-  if (attention != "auto" && attention != "tensor-core" && attention != "sm75")
-    throw ConfigError("--attention: expected auto, tensor-core or sm75, got '" + attention + "'");
+  if (attention != "auto" && attention != "tensor-core" && attention != "sm75" && attention != "cudnn")
+    throw ConfigError("--attention: expected auto, tensor-core, sm75 or cudnn, got '" + attention + "'");
   if (attention == "sm75" && dtype != "fp16")
     throw ConfigError("--attention: expected --dtype fp16 with the sm75 kernel (it has no bf16), got --dtype " + dtype);
   const bool on_gpu = device == "cuda";

@@ -235,7 +235,7 @@ int run_bench_train(int argc, char** argv) {
       ("dtype", po::value(&a.dtype)->default_value(a.dtype), "bf16 | fp16")
       ("recompute", po::value(&a.recompute)->default_value(a.recompute),
        "none (keep activations) | layer (keep layer inputs, recompute) | auto (none when it fits)")
-      ("attention", po::value(&a.attention)->default_value(a.attention), "attention kernel: auto | tensor-core | sm75 (fp16)")
+      ("attention", po::value(&a.attention)->default_value(a.attention), "attention kernel: auto | tensor-core | sm75 (fp16) | cudnn")
       ("nondeterministic-attention", po::bool_switch(&a.nondet), "fp32 atomics in attention backward (faster)")
       ("offload", po::value(&a.offload)->default_value(a.offload),
        "none | optimizer (fp32 state and AdamW on the host) | params (and the weights streamed from the host)")

@@ -553,7 +553,8 @@ cuda::AttentionKernel attention_kernel_from_name(const std::string& name) {
   if (name == "auto") return cuda::AttentionKernel::kAuto;
   if (name == "tensor-core") return cuda::AttentionKernel::kTensorCore;
   if (name == "sm75") return cuda::AttentionKernel::kTensorCoreSm75;
-  throw ConfigError("--attention: expected auto, tensor-core or sm75, got '" + name + "'");
+  if (name == "cudnn") return cuda::AttentionKernel::kCudnn;
+  throw ConfigError("--attention: expected auto, tensor-core, sm75 or cudnn, got '" + name + "'");
 }
 
 size_t LlamaGpu::host_activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {

@@ -92,7 +92,8 @@ inline const void* block_base(const void* slot, int64_t block_begin, size_t elem
   return reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(slot) - uintptr_t(block_begin) * elem_bytes);
 }
 
-// "auto" | "tensor-core" (sm_80+, bf16/fp16) | "sm75" (fp16, V100/T4-class instructions only):
+// "auto" | "tensor-core" (sm_80+, bf16/fp16) | "sm75" (fp16, V100/T4-class instructions only) |
+// "cudnn" (cuDNN fused attention, sm_80+, not bit-reproducible):
 // the --attention option. Throws ConfigError for other names.
 cuda::AttentionKernel attention_kernel_from_name(const std::string& name);
 

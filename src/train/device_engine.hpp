@@ -56,7 +56,7 @@ struct DeviceEngineOptions {
   std::string device = "cuda";     // what the user asked for (the stub's error names it)
   std::string dtype = "bf16";      // bf16 | fp16
   std::string recompute = "auto";  // none | layer | auto (none when the plan fits)
-  std::string attention = "auto";  // auto | tensor-core | sm75
+  std::string attention = "auto";  // auto | tensor-core | sm75 | cudnn
   std::string offload = "none";    // none | optimizer | params
   std::string weights = "resident";  // resident | streamed
   bool delayed_update = false;      // offload optimizer only

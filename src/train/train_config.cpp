@@ -80,7 +80,7 @@ po::options_description make_description(TrainConfig* c) {
       ("device", po::value(&c->device), "[gpu] cpu or cuda (one GPU per rank; default cpu)")
       ("dtype", po::value(&c->dtype), "[gpu] GPU compute dtype: bf16 or fp16 (fp16: dynamic loss scaling, for V100)")
       ("recompute", po::value(&c->recompute), "[gpu] activations: none (keep all), layer (keep each layer's input and recompute), auto (none when it fits)")
-      ("attention", po::value(&c->attention), "[gpu] attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 with V100/T4-class instructions only)")
+      ("attention", po::value(&c->attention), "[gpu] attention kernel: auto, tensor-core (sm_80+), sm75 (fp16 with V100/T4-class instructions only), cudnn (cuDNN fused attention, sm_80+, not bit-reproducible)")
       ("offload", po::value(&c->offload), "[gpu] none, optimizer (fp32 master weights, AdamW moments and the CPU AdamW step in pinned host memory: ZeRO-Offload) or params (optimizer, and the compute weights streamed from the host per layer)")
       ("weights", po::value(&c->weights), "[gpu] resident (every GPU holds all compute weights) or streamed (each layer gathered from the ranks' shards just before use, ZeRO-3)")
       ("delayed-update", po::value(&c->delayed_update), "[gpu] with --offload optimizer: run step t's CPU update while the GPU computes step t + 1, whose gradients then see weights one step stale (ZeRO-Offload's DPU; true/false, default false)")
@@ -209,8 +209,8 @@ bool parse_train_config(int argc, char** argv, TrainConfig* out) {
   require(c.dtype == "bf16" || c.dtype == "fp16", "dtype", "bf16 or fp16", "'" + c.dtype + "'");
   require(c.recompute == "auto" || c.recompute == "none" || c.recompute == "layer", "recompute",
           "auto, none or layer", "'" + c.recompute + "'");
-  require(c.attention == "auto" || c.attention == "tensor-core" || c.attention == "sm75", "attention",
-          "auto, tensor-core or sm75", "'" + c.attention + "'");
+  require(c.attention == "auto" || c.attention == "tensor-core" || c.attention == "sm75" || c.attention == "cudnn",
+          "attention", "auto, tensor-core, sm75 or cudnn", "'" + c.attention + "'");
   require(c.attention != "sm75" || c.dtype == "fp16", "attention", "--dtype fp16 with the sm75 kernel (it has no bf16)",
           "--dtype " + c.dtype);
   require(c.offload == "none" || c.offload == "optimizer" || c.offload == "params", "offload",

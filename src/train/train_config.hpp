@@ -42,7 +42,7 @@ struct TrainConfig {
   std::string device = "cpu";     // cpu | cuda (one GPU per rank)
   std::string dtype = "bf16";     // compute dtype on the GPU: bf16 | fp16 (fp16: dynamic loss scaling)
   std::string recompute = "auto"; // activations: none (keep all) | layer (keep layer inputs) | auto (none if it fits)
-  std::string attention = "auto"; // attention kernel: auto | tensor-core | sm75 (fp16 only: the V100/T4 path)
+  std::string attention = "auto"; // attention kernel: auto | tensor-core | sm75 (fp16 only: the V100/T4 path) | cudnn
   std::string offload = "none";   // none | optimizer (fp32 state + AdamW on the host) | params (also stream the weights)
   std::string weights = "resident"; // resident (every GPU holds all compute weights) | streamed (per block, ZeRO-3)
   bool delayed_update = false;    // offload optimizer: overlap step t's CPU update with step t + 1 (one step stale)

@@ -51,6 +51,9 @@ const Variant kVariants[] = {
     {cuda::AttentionKernel::kTensorCoreSm75, Dt::kFp16, false, "sm75-fp16"},
     {cuda::AttentionKernel::kTensorCore, Dt::kBf16, true, "tc-bf16-nondet"},
     {cuda::AttentionKernel::kTensorCoreSm75, Dt::kFp16, true, "sm75-fp16-nondet"},
+    // cuDNN for one segment, our nondeterministic kernels for packed documents.
+    {cuda::AttentionKernel::kCudnn, Dt::kBf16, true, "cudnn-bf16"},
+    {cuda::AttentionKernel::kCudnn, Dt::kFp16, true, "cudnn-fp16"},
 };
 
 // Scatters rows of a dense (T, W) matrix into column `col0` of a (T, ld) buffer, and back.
@@ -177,6 +180,10 @@ void run_case(const Case& c, uint32_t seed) {
                           lse.data(), cu.data(), S, T, NH, NKV, HD);
 
   for (const Variant& var : kVariants) {
+    if (var.kernel == cuda::AttentionKernel::kCudnn && !cuda::cudnn_attention_unavailable_reason().empty()) {
+      std::printf("[attn] %s skipped: %s\n", var.name, cuda::cudnn_attention_unavailable_reason().c_str());
+      continue;
+    }
     SCOPED_TRACE(std::string(var.name) + " HD=" + std::to_string(HD) + " NH/NKV=" + std::to_string(NH) + "/" +
                  std::to_string(NKV) + " T=" + std::to_string(T) + " segments=" + std::to_string(S) +
                  (c.fused ? " fused" : ""));
@@ -224,6 +231,7 @@ std::vector<int32_t> short_docs(std::mt19937& rng, int n) {
 
 TEST(CudaAttention, OneLongSegmentHd128Mha) { run_case({128, 4, 4, {1000}, false}, 1); }
 TEST(CudaAttention, OneLongSegmentHd64Gqa4Fused) { run_case({64, 8, 2, {2048}, true}, 2); }
+TEST(CudaAttention, OneLongSegmentHd128Gqa4Fused) { run_case({128, 16, 4, {1531}, true}, 10); }
 TEST(CudaAttention, ShortDocumentsHd128Gqa4Fused) {
   std::mt19937 rng(3);
   run_case({128, 32, 8, short_docs(rng, 14), true}, 3);
@@ -342,6 +350,23 @@ TEST(CudaAttentionBench, DISABLED_Causal) {
                 "bwd nondet %.2f ms %.1f TF | fwd+bwd det %.2f ms %.1f TF | fwd+bwd nondet %.2f ms %.1f TF\n",
                 (long long)NH, (long long)NKV, (long long)HD, (long long)T, t_f, tf(fl, t_f), t_bd, tf(2.5 * fl, t_bd),
                 t_bn, tf(2.5 * fl, t_bn), t_fbd, tf(3.5 * fl, t_fbd), t_fbn, tf(3.5 * fl, t_fbn));
+    std::fflush(stdout);
+    if (!cuda::cudnn_attention_unavailable_reason().empty()) continue;
+    // The cuDNN backend on the same buffers (its plan is built by the first call, outside the timing).
+    cuda::AttentionOptions cudnn = nondet;
+    cudnn.kernel = cuda::AttentionKernel::kCudnn;
+    auto fwd_cudnn = [&] {
+      cuda::attention_forward<S>(P(out), lse.get(), P(q), P(k), P(v), cu.get(), 1, T, NH, NKV, HD, cudnn, nullptr);
+    };
+    fwd_cudnn();
+    bwd(cudnn);
+    const double c_f = median_ms(fwd_cudnn);
+    const double c_b = median_ms([&] { bwd(cudnn); });
+    const double c_fb = median_ms([&] { fwd_cudnn(); bwd(cudnn); });
+    std::printf("RESULT cudnn-backend hq=%lld hkv=%lld d=%lld seq=%lld  fwd %.2f ms %.1f TF | bwd %.2f ms %.1f TF | "
+                "fwd+bwd %.2f ms %.1f TF\n",
+                (long long)NH, (long long)NKV, (long long)HD, (long long)T, c_f, tf(fl, c_f), c_b, tf(2.5 * fl, c_b),
+                c_fb, tf(3.5 * fl, c_fb));
     std::fflush(stdout);
   }
 }

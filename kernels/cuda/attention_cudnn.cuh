@@ -1,0 +1,49 @@
+// cuDNN's fused flash attention as an alternative attention backend (AttentionKernel::kCudnn).
+// Our own kernels (attention_forward.cu / attention_backward.cu) remain the default and the
+// reference; this backend is opt-in because cuDNN's backward accumulates dq with fp32 atomics
+// (not bit-reproducible), like AttentionOptions::nondeterministic_dq.
+//
+// The graphs are built through the cuDNN backend API (cudnn_graph.h), no frontend library:
+// forward  S = scale * Q K^T, causal mask, softmax (stats = max + log sum exp), O = P V;
+// backward the FlashAttention-2 recurrences with dq accumulated in an fp32 buffer.
+// Execution plans are cached per shape. One causal segment per call; attention_forward /
+// attention_backward fall back to our kernels for packed multi-document batches.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+#include <type_traits>
+
+#include "kernels/cuda/attention.cuh"
+
+namespace longtune::cuda {
+
+namespace attn_detail {
+
+enum class CudnnDtype { kBf16, kFp16 };
+
+// Same arguments as attention_forward (one segment: T tokens, causal).
+void cudnn_attention_forward(CudnnDtype dt, void* out, float* lse, const void* q, const void* k, const void* v,
+                             int64_t T, int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk,
+                             int64_t ldv, cudaStream_t stream);
+
+// Same arguments as attention_backward; workspace is attention_backward_workspace_bytes with kCudnn:
+// softmax_sum (T x NH fp32) at 0, the fp32 dq accumulator (T x NH x HD) 256-byte aligned after it.
+void cudnn_attention_backward(CudnnDtype dt, void* dq, void* dk, void* dv, const void* dout, const void* q,
+                              const void* k, const void* v, const void* out, const float* lse, int64_t T,
+                              int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk, int64_t ldv,
+                              void* workspace, cudaStream_t stream);
+
+// kCudnn runs cuDNN for one segment spanning all T tokens; packed documents take our kernels.
+inline bool cudnn_runs(int64_t num_segments, int64_t T, const AttentionOptions& opt) {
+  return num_segments == 1 && opt.max_seqlen == T;
+}
+template <typename T>
+constexpr CudnnDtype cudnn_dtype() {
+  return std::is_same_v<T, __half> ? CudnnDtype::kFp16 : CudnnDtype::kBf16;
+}
+
+}  // namespace attn_detail
+}  // namespace longtune::cuda
