@@ -13,10 +13,6 @@ namespace longtune::gpu {
 
 namespace {
 
-// cuBLASLt handle + workspace, CUDA context growth and the attention/CE libraries' own
-// allocations: measured, with margin.
-constexpr size_t kLibraryAllowance = size_t(512) << 20;
-
 size_t state_bytes(int64_t n) { return 4 * align_up(size_t(n) * sizeof(float)); }
 
 }  // namespace
@@ -70,7 +66,7 @@ GpuMemoryPlan GpuEngine::plan(const LlamaConfig& cfg, const GpuEngineOptions& op
   p.state = state_bytes(n);
   p.weights = align_up(size_t(n) * 2);
   p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
-  p.library = kLibraryAllowance;
+  p.library = LlamaGpu::library_bytes(opt.model);
   p.host_pinned = round_up_to_pages(LlamaGpu::host_activation_bytes(cfg, opt.model));
   return p;
 }

@@ -557,6 +557,11 @@ cuda::AttentionKernel attention_kernel_from_name(const std::string& name) {
   throw ConfigError("--attention: expected auto, tensor-core, sm75 or cudnn, got '" + name + "'");
 }
 
+size_t LlamaGpu::library_bytes(const GpuModelOptions& opt) {
+  const size_t base = size_t(512) << 20;  // measured, with margin
+  return base + (opt.attention_kernel == cuda::AttentionKernel::kCudnn ? size_t(320) << 20 : 0);
+}
+
 size_t LlamaGpu::host_activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt) {
   validate(opt);
   if (!opt.offload_activations) return 0;

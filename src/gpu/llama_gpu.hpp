@@ -103,6 +103,9 @@ class LlamaGpu {
   static size_t activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt);
   // Pinned host bytes the model allocates for offloaded layer inputs (0 without offload_activations).
   static size_t host_activation_bytes(const LlamaConfig& cfg, const GpuModelOptions& opt);
+  // Device memory the libraries allocate themselves: cuBLASLt handle + workspace, CUDA context
+  // growth, and with --attention cudnn the plans' workspace (measured 256 MiB at 16K on H200).
+  static size_t library_bytes(const GpuModelOptions& opt);
 
   // Carves its buffers from `arena` (activation_bytes of it). Runs on `stream`.
   LlamaGpu(const LlamaConfig& cfg, const ParamTable& table, const GpuModelOptions& opt, DeviceArena& arena,

@@ -13,7 +13,6 @@ namespace longtune::gpu {
 
 namespace {
 
-constexpr size_t kLibraryAllowance = size_t(512) << 20;  // cuBLASLt, context growth (as GpuEngine)
 // NCCL channels and buffers of the two communicators (fetch, gradients), allocated at their first
 // collectives: measured peaks on H200 ran 0.47-0.50 GiB above a 384 MiB allowance at 2 and 4 ranks.
 constexpr size_t kNcclAllowance = size_t(896) << 20;
@@ -96,7 +95,7 @@ ZeroMemoryPlan ZeroEngine::plan(const LlamaConfig& cfg, const ZeroEngineOptions&
   if (host && host_grad == DType::BF16) p.grads += align_up(size_t(std::min(z.max_piece, kFetchChunk)) * 2);
   if (host && opt.fetch_from_master) p.weights += align_up(size_t(kFetchChunk) * 4);
   p.activations = LlamaGpu::activation_bytes(cfg, opt.model);
-  p.library = kLibraryAllowance + (world > 1 ? kNcclAllowance : 0);
+  p.library = LlamaGpu::library_bytes(opt.model) + (world > 1 ? kNcclAllowance : 0);
   p.host_state = ShardedTrainState::arena_bytes(z.shard_len, host_grad);
   if (host) {
     if (!opt.fetch_from_master) p.host_pinned += round_up_to_pages(size_t(z.shard_len) * cb);

@@ -3,7 +3,8 @@
 # the built-in task, then `longtune bench train` beside the PyTorch anchor on the same GPU.
 #   tests/bench/gpu_suite.sh DIR [tests|eval|train|resume|bench|nondet|attn|kernels|mpi|comm|scaling|offload|plan|resume-offload|activations|lean8b|recipes4 ...]
 # DIR holds bin/ and lib/ as env/pack-device.sh gathers them (plus anchor_torch.py / anchor_attn.py
-# for the bench parts). Logs go to $OUT (or /tmp/gpu_suite).
+# for the bench parts). Logs go to $OUT (or /tmp/gpu_suite). BENCH_ARGS: extra `bench train` options
+# of the bench and bench1b parts (the issue-5 table: BENCH_ARGS="--attention cudnn").
 set -uo pipefail
 dir="$1"; shift
 out="${OUT:-/tmp/gpu_suite}"; mkdir -p "$out"
@@ -37,7 +38,7 @@ for part in "$@"; do
     bench)
       for c in "1b 16384" "1b 32768" "3b 8192"; do
         set -- $c
-        "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan"
+        "$dir/bin/longtune" bench train --model "$1" --seq-len "$2" ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan"
         python3 "$dir/anchor_torch.py" train "$1" "$2" gpu 2>&1 | tee -a "$out/bench_anchor.log" | grep -E "RESULT|Error"
       done ;;
     eval)
@@ -53,7 +54,7 @@ for part in "$@"; do
         resume_check "$1 attention=$2" --dtype "$1" --attention "$2"
       done ;;
     bench1b)
-      "$dir/bin/longtune" bench train --model 1b --seq-len 16384 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
+      "$dir/bin/longtune" bench train --model 1b --seq-len 16384 ${BENCH_ARGS:-} 2>&1 | tee -a "$out/bench_longtune.log" | grep -E "RESULT|error|plan|step" ;;
     kernels)
       "$dir/bin/longtune_tests" --gtest_also_run_disabled_tests --gtest_filter='*CudaKernelBench*:*CudaMatmulBench*' \
         2>&1 | tee "$out/kernel_bench.log" | grep -vE "^\[ (RUN|      OK) " | tail -40 ;;

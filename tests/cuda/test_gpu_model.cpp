@@ -110,14 +110,16 @@ TEST(GpuModel, MatchesTransformersAndCpuEngine) {
   };
   for (const Variant& v : {Variant{DType::BF16, cuda::AttentionKernel::kAuto, "bf16"},
                            Variant{DType::F16, cuda::AttentionKernel::kAuto, "fp16"},
-                           Variant{DType::F16, cuda::AttentionKernel::kTensorCoreSm75, "fp16, sm75 attention"}}) {
+                           Variant{DType::F16, cuda::AttentionKernel::kTensorCoreSm75, "fp16, sm75 attention"},
+                           Variant{DType::BF16, cuda::AttentionKernel::kCudnn, "bf16, cudnn attention"}}) {
     const DType dtype = v.dtype;
     SCOPED_TRACE(v.name);
+    if (v.kernel == cuda::AttentionKernel::kCudnn && !cuda::cudnn_attention_unavailable_reason().empty()) continue;
     const GpuResult r = gpu_forward_backward(g, dtype, gpu::Recompute::kNone, v.kernel);
     ASSERT_EQ(r.loss.count, g.batch.num_targets());
     const double loss_rel = std::abs(r.loss.mean() - ref_loss) / ref_loss;
-    std::printf("[gpu-model] %s: loss %.6f (transformers %.6f, rel %.2e; CPU %.6f)\n", v.name, r.loss.mean(),
-                ref_loss, loss_rel, cpu_loss.mean());
+    std::printf("[gpu-model] %s: loss %.6f (transformers %.6f, rel %.2e; CPU %.6f; %lld segments)\n", v.name,
+                r.loss.mean(), ref_loss, loss_rel, cpu_loss.mean(), (long long)g.batch.num_segments());
     EXPECT_LT(loss_rel, dtype == DType::BF16 ? 1e-2 : 3e-3);
     double worst = 0;
     std::string worst_name;
