@@ -18,8 +18,7 @@ enum class AttentionKernel {
   kTensorCore,     // mma.sync m16n8k16, cp.async pipelining (sm_80+, bf16 or fp16)
   kTensorCoreSm75, // fp16 only, instructions sm_75 has (m16n8k8 mma, ldmatrix, no cp.async): V100/T4 class
   kCudnn           // cuDNN's fused flash attention (sm_80+, cuDNN 9; dq by fp32 atomics, so never
-                   // bit-reproducible). Packed multi-document batches run kTensorCore with
-                   // nondeterministic dq instead. See attention_cudnn.cuh.
+                   // bit-reproducible; packed documents as a ragged batch). See attention_cudnn.cuh.
 };
 
 struct AttentionOptions {

@@ -881,11 +881,14 @@ constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
 size_t attention_backward_workspace_bytes(int64_t T, int64_t NH, int64_t NKV, int64_t HD,
                                           const AttentionOptions& opt) {
   (void)NKV;
-  // kCudnn: its softmax_sum and dq accumulator have the sizes of our D and nondeterministic dq
-  // accumulator, which its multi-document fallback uses.
+  // kCudnn: softmax_sum has the size of our D; its dq accumulator takes the row stride of dq in
+  // packed batches (ours is dense, which its fallback for huge batches uses).
   size_t bytes = attn_detail::align256(size_t(T) * size_t(NH) * sizeof(float));  // D
-  if (opt.nondeterministic_dq || opt.kernel == AttentionKernel::kCudnn)
-    bytes += attn_detail::align256(size_t(T) * size_t(NH) * size_t(HD) * sizeof(float));
+  const int64_t dense = NH * HD;
+  if (opt.kernel == AttentionKernel::kCudnn)
+    bytes += attn_detail::align256(size_t(T) * size_t(std::max(opt.ld_q ? opt.ld_q : dense, dense)) * sizeof(float));
+  else if (opt.nondeterministic_dq)
+    bytes += attn_detail::align256(size_t(T) * size_t(dense) * sizeof(float));
   return bytes;
 }
 
@@ -904,9 +907,9 @@ void attention_backward(scalar_t* dq, scalar_t* dk, scalar_t* dv, const scalar_t
   if (T == 0 || num_segments == 0) return;
   bool atomic_dq = opt.nondeterministic_dq;
   if (kind == AttentionKernel::kCudnn) {
-    if (cudnn_runs(num_segments, T, opt)) {
-      cudnn_attention_backward(cudnn_dtype<scalar_t>(), dq, dk, dv, dout, q, k, v, out, lse, T, NH, NKV, HD, ld.q,
-                               ld.k, ld.v, workspace, stream);
+    if (cudnn_runs(num_segments, T, std::max({ld.q, ld.k, ld.v, NH * HD}), opt)) {
+      cudnn_attention_backward(cudnn_dtype<scalar_t>(), dq, dk, dv, dout, q, k, v, out, lse, cu_seqlens,
+                               num_segments, opt.max_seqlen, T, NH, NKV, HD, ld.q, ld.k, ld.v, workspace, stream);
       return;
     }
     kind = AttentionKernel::kTensorCore;

@@ -26,13 +26,14 @@ namespace longtune::cuda {
 std::string cudnn_attention_unavailable_reason() { return "this build has no cuDNN (install cuDNN 9 and rebuild)"; }
 
 namespace attn_detail {
-void cudnn_attention_forward(CudnnDtype, void*, float*, const void*, const void*, const void*, int64_t, int64_t,
-                             int64_t, int64_t, int64_t, int64_t, int64_t, cudaStream_t) {
+void cudnn_attention_forward(CudnnDtype, void*, float*, const void*, const void*, const void*, const int32_t*,
+                             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                             cudaStream_t) {
   throw ConfigError("attention: " + cudnn_attention_unavailable_reason());
 }
 void cudnn_attention_backward(CudnnDtype, void*, void*, void*, const void*, const void*, const void*, const void*,
-                              const void*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                              int64_t, void*, cudaStream_t) {
+                              const void*, const float*, const int32_t*, int64_t, int64_t, int64_t, int64_t,
+                              int64_t, int64_t, int64_t, int64_t, int64_t, void*, cudaStream_t) {
   throw ConfigError("attention: " + cudnn_attention_unavailable_reason());
 }
 }  // namespace attn_detail
@@ -98,7 +99,7 @@ class GraphBuilder {
   static constexpr int64_t kFirstVirtual = 1000;
 
   const Desc& tensor(int64_t uid, cudnnDataType_t dt, Dims dims, Dims strides, bool is_virtual = false,
-                     bool by_value = false) {
+                     bool by_value = false, const Desc* ragged_offset = nullptr) {
     auto t = std::make_unique<Desc>(CUDNN_BACKEND_TENSOR_DESCRIPTOR);
     t->set_int(CUDNN_ATTR_TENSOR_UNIQUE_ID, uid);
     t->set_dtype(CUDNN_ATTR_TENSOR_DATA_TYPE, dt);
@@ -107,6 +108,7 @@ class GraphBuilder {
     t->set_int(CUDNN_ATTR_TENSOR_BYTE_ALIGNMENT, 16);
     t->set(CUDNN_ATTR_TENSOR_IS_VIRTUAL, CUDNN_TYPE_BOOLEAN, 1, &is_virtual);
     if (by_value) t->set(CUDNN_ATTR_TENSOR_IS_BY_VALUE, CUDNN_TYPE_BOOLEAN, 1, &by_value);
+    if (ragged_offset) t->set_desc(CUDNN_ATTR_TENSOR_RAGGED_OFFSET_DESC, *ragged_offset);
     t->finalize();
     descs_.push_back(std::move(t));
     return *descs_.back();
@@ -147,8 +149,10 @@ class GraphBuilder {
     descs_.push_back(std::move(red));
     add_op(std::move(op));
   }
-  // c = a @ b over the last two dimensions, batched (and broadcast) over the first two.
-  void matmul(const Desc& c, const Desc& a, const Desc& b) {
+  // c = a @ b over the last two dimensions, batched (and broadcast) over the first two; the
+  // overrides (per batch entry) shrink M, N or K to a segment's length.
+  void matmul(const Desc& c, const Desc& a, const Desc& b, const Desc* m_override = nullptr,
+              const Desc* n_override = nullptr, const Desc* k_override = nullptr) {
     auto mm = std::make_unique<Desc>(CUDNN_BACKEND_MATMUL_DESCRIPTOR);
     mm->set_dtype(CUDNN_ATTR_MATMUL_COMP_TYPE, CUDNN_DATA_FLOAT);
     mm->finalize();
@@ -157,6 +161,9 @@ class GraphBuilder {
     op->set_desc(CUDNN_ATTR_OPERATION_MATMUL_BDESC, b);
     op->set_desc(CUDNN_ATTR_OPERATION_MATMUL_CDESC, c);
     op->set_desc(CUDNN_ATTR_OPERATION_MATMUL_DESC, *mm);
+    if (m_override) op->set_desc(CUDNN_ATTR_OPERATION_MATMUL_GEMM_M_OVERRIDE_DESC, *m_override);
+    if (n_override) op->set_desc(CUDNN_ATTR_OPERATION_MATMUL_GEMM_N_OVERRIDE_DESC, *n_override);
+    if (k_override) op->set_desc(CUDNN_ATTR_OPERATION_MATMUL_GEMM_K_OVERRIDE_DESC, *k_override);
     op->finalize();
     descs_.push_back(std::move(mm));
     add_op(std::move(op));
@@ -244,27 +251,61 @@ class GraphBuilder {
 
 // Uids of the tensors the caller binds at execution.
 enum Uid : int64_t {
-  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kOne, kDO, kDQ, kDK, kDV, kSoftmaxSum, kDQAccum
+  kQ = 1, kK, kV, kO, kStats, kScale, kNegInf, kOne, kDO, kDQ, kDK, kDV, kSoftmaxSum, kDQAccum,
+  kSeqLen, kOffQ, kOffK, kOffV, kOffO, kOffStats
 };
 
 cudnnDataType_t io_type(attn_detail::CudnnDtype dt) {
   return dt == attn_detail::CudnnDtype::kBf16 ? CUDNN_DATA_BFLOAT16 : CUDNN_DATA_HALF;
 }
 
+// A plan's shape. One segment: B = 1, S = T, dense views. Packed documents: B segments (padded to
+// a power of two with empty ones) of at most S tokens (a power of two), ragged offsets into the
+// token stream, a padding mask, and the GEMM sizes overridden per segment.
 struct Shape {
   bool backward;
   attn_detail::CudnnDtype dt;
   int64_t T, NH, NKV, HD, ldq, ldk, ldv;
+  int64_t B, S;
   int device;
-  auto key() const { return std::tie(backward, dt, T, NH, NKV, HD, ldq, ldk, ldv, device); }
+  bool ragged() const { return B > 1 || S != T; }
+  auto key() const { return std::tie(backward, dt, T, NH, NKV, HD, ldq, ldk, ldv, B, S, device); }
   bool operator<(const Shape& o) const { return key() < o.key(); }
 };
 
-// Token-major layouts of the packed stream, as cuDNN (batch, head, seq, dim) views.
-Dims rows(int64_t T, int64_t H, int64_t D, int64_t ld) { (void)H; return {T * ld, D, ld, 1}; }
-Dims rows_t(int64_t T, int64_t ld, int64_t D) { (void)D; return {T * ld, D, 1, ld}; }  // (b, h, d, s)
-// lse (T, NH) fp32: stats (1, NH, T, 1) with head stride 1.
-Dims stats_strides(int64_t T, int64_t NH) { return {T * NH, 1, NH, 1}; }
+// The (batch, head, seq, dim) views of the token-major stream, ragged or dense.
+class Views {
+ public:
+  Views(GraphBuilder& g, const Shape& sh) : g_(g), sh_(sh) {
+    if (!sh.ragged()) return;
+    const Dims one{1, 1, 1, 1};
+    seq_len_ = &g.tensor(kSeqLen, CUDNN_DATA_INT32, {sh.B, 1, 1, 1}, one);
+    for (int64_t uid : {kOffQ, kOffK, kOffV, kOffO, kOffStats})
+      offsets_.push_back(&g.tensor(uid, CUDNN_DATA_INT32, {sh.B + 1, 1, 1, 1}, one));
+  }
+  const Desc* seq_len() const { return seq_len_; }
+  // (B, H, S, HD) rows of stride ld; transposed: (B, H, HD, S).
+  const Desc& rows(int64_t uid, cudnnDataType_t dt, int64_t H, int64_t ld, int64_t off_uid, bool transposed = false) {
+    const int64_t B = sh_.B, S = sh_.S, HD = sh_.HD;
+    const Dims dims = transposed ? Dims{B, H, HD, S} : Dims{B, H, S, HD};
+    const Dims strides = transposed ? Dims{S * ld, HD, 1, ld} : Dims{S * ld, HD, ld, 1};
+    return g_.tensor(uid, dt, dims, strides, false, false, offset(off_uid));
+  }
+  // (B, NH, S, 1) fp32 in the (T, NH) layout of lse.
+  const Desc& per_row(int64_t uid) {
+    return g_.tensor(uid, CUDNN_DATA_FLOAT, {sh_.B, sh_.NH, sh_.S, 1}, {sh_.S * sh_.NH, 1, sh_.NH, 1}, false, false,
+                     offset(kOffStats));
+  }
+
+ private:
+  const Desc* offset(int64_t uid) const {
+    return sh_.ragged() ? offsets_[size_t(uid - kOffQ)] : nullptr;
+  }
+  GraphBuilder& g_;
+  const Shape& sh_;
+  const Desc* seq_len_ = nullptr;
+  std::vector<const Desc*> offsets_;
+};
 
 // Causal mask: keep score (row i, col j) when i >= j, else -inf.
 const Desc& causal_mask(GraphBuilder& g, const Desc& s, const Desc& neg_inf, Dims dims, Dims strides) {
@@ -279,25 +320,46 @@ const Desc& causal_mask(GraphBuilder& g, const Desc& s, const Desc& neg_inf, Dim
   return masked;
 }
 
+// Padding mask of packed segments: keep (i, j) when both are inside the segment, else -inf.
+const Desc& padding_mask(GraphBuilder& g, const Desc& s, const Desc& neg_inf, const Desc& seq_len, Dims dims,
+                         Dims strides) {
+  const Desc& row = g.virt(CUDNN_DATA_INT32, dims, strides);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, row, s, nullptr, nullptr, CUDNN_DATA_INT32, 2);
+  const Desc& col = g.virt(CUDNN_DATA_INT32, dims, strides);
+  g.pointwise(CUDNN_POINTWISE_GEN_INDEX, col, s, nullptr, nullptr, CUDNN_DATA_INT32, 3);
+  const Desc& row_in = g.virt(CUDNN_DATA_BOOLEAN, dims, strides);
+  g.pointwise(CUDNN_POINTWISE_CMP_LT, row_in, row, &seq_len, nullptr, CUDNN_DATA_BOOLEAN);
+  const Desc& col_in = g.virt(CUDNN_DATA_BOOLEAN, dims, strides);
+  g.pointwise(CUDNN_POINTWISE_CMP_LT, col_in, col, &seq_len, nullptr, CUDNN_DATA_BOOLEAN);
+  const Desc& keep = g.virt(CUDNN_DATA_BOOLEAN, dims, strides);
+  g.pointwise(CUDNN_POINTWISE_LOGICAL_AND, keep, row_in, &col_in, nullptr, CUDNN_DATA_BOOLEAN);
+  const Desc& masked = g.virt(CUDNN_DATA_FLOAT, dims, strides);
+  g.pointwise(CUDNN_POINTWISE_BINARY_SELECT, masked, s, &neg_inf, &keep);
+  return masked;
+}
+
 GraphBuilder::Built build_forward(cudnnHandle_t h, const Shape& sh) {
-  const int64_t T = sh.T, NH = sh.NH, NKV = sh.NKV, HD = sh.HD;
+  const int64_t B = sh.B, S = sh.S, NH = sh.NH, NKV = sh.NKV, HD = sh.HD;
   const cudnnDataType_t io = io_type(sh.dt);
   GraphBuilder g;
-  const Desc& q = g.tensor(kQ, io, {1, NH, T, HD}, rows(T, NH, HD, sh.ldq));
-  const Desc& kt = g.tensor(kK, io, {1, NKV, HD, T}, rows_t(T, sh.ldk, HD));
-  const Desc& v = g.tensor(kV, io, {1, NKV, T, HD}, rows(T, NKV, HD, sh.ldv));
-  const Desc& o = g.tensor(kO, io, {1, NH, T, HD}, rows(T, NH, HD, NH * HD));
-  const Desc& stats = g.tensor(kStats, CUDNN_DATA_FLOAT, {1, NH, T, 1}, stats_strides(T, NH));
+  Views view(g, sh);
+  const Desc* len = view.seq_len();  // null for one segment: no overrides, no padding mask
+  const Desc& q = view.rows(kQ, io, NH, sh.ldq, kOffQ);
+  const Desc& kt = view.rows(kK, io, NKV, sh.ldk, kOffK, true);
+  const Desc& v = view.rows(kV, io, NKV, sh.ldv, kOffV);
+  const Desc& o = view.rows(kO, io, NH, NH * HD, kOffO);
+  const Desc& stats = view.per_row(kStats);
   const Desc& scale = g.scalar(kScale);
   const Desc& neg_inf = g.scalar(kNegInf);
 
-  const Dims sd{1, NH, T, T}, ss{NH * T * T, T * T, T, 1};
-  const Dims rd{1, NH, T, 1}, rs{NH * T, T, 1, 1};
+  const Dims sd{B, NH, S, S}, ss{NH * S * S, S * S, S, 1};
+  const Dims rd{B, NH, S, 1}, rs{NH * S, S, 1, 1};
   const Desc& s = g.virt(CUDNN_DATA_FLOAT, sd, ss);
-  g.matmul(s, q, kt);
+  g.matmul(s, q, kt, len, len, nullptr);
   const Desc& s_scaled = g.virt(CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise(CUDNN_POINTWISE_MUL, s_scaled, s, &scale);
-  const Desc& s_masked = causal_mask(g, s_scaled, neg_inf, sd, ss);
+  const Desc& s_padded = len ? padding_mask(g, s_scaled, neg_inf, *len, sd, ss) : s_scaled;
+  const Desc& s_masked = causal_mask(g, s_padded, neg_inf, sd, ss);
   const Desc& row_max = g.virt(CUDNN_DATA_FLOAT, rd, rs);
   g.reduction(CUDNN_REDUCE_TENSOR_MAX, row_max, s_masked);
   const Desc& centered = g.virt(CUDNN_DATA_FLOAT, sd, ss);
@@ -311,48 +373,52 @@ GraphBuilder::Built build_forward(cudnnHandle_t h, const Shape& sh) {
   g.pointwise(CUDNN_POINTWISE_ADD, stats, row_max, &log_sum);
   const Desc& p = g.virt(io, sd, ss);
   g.pointwise(CUDNN_POINTWISE_DIV, p, e, &row_sum);
-  g.matmul(o, p, v);
-  return g.build(h, "forward");
+  g.matmul(o, p, v, len, nullptr, len);
+  return g.build(h, sh.ragged() ? "forward (packed segments)" : "forward");
 }
 
 GraphBuilder::Built build_backward(cudnnHandle_t h, const Shape& sh) {
-  const int64_t T = sh.T, NH = sh.NH, NKV = sh.NKV, HD = sh.HD;
+  const int64_t B = sh.B, S = sh.S, NH = sh.NH, NKV = sh.NKV, HD = sh.HD;
   const cudnnDataType_t io = io_type(sh.dt);
   GraphBuilder g;
-  const Desc& q = g.tensor(kQ, io, {1, NH, T, HD}, rows(T, NH, HD, sh.ldq));
-  const Desc& kt = g.tensor(kK, io, {1, NKV, HD, T}, rows_t(T, sh.ldk, HD));
-  const Desc& vt = g.tensor(kV, io, {1, NKV, HD, T}, rows_t(T, sh.ldv, HD));
-  const Desc& o = g.tensor(kO, io, {1, NH, T, HD}, rows(T, NH, HD, NH * HD));
-  const Desc& d_o = g.tensor(kDO, io, {1, NH, T, HD}, rows(T, NH, HD, NH * HD));
-  const Desc& stats = g.tensor(kStats, CUDNN_DATA_FLOAT, {1, NH, T, 1}, stats_strides(T, NH));
-  const Desc& dq = g.tensor(kDQ, io, {1, NH, T, HD}, rows(T, NH, HD, sh.ldq));
-  const Desc& dk = g.tensor(kDK, io, {1, NKV, T, HD}, rows(T, NKV, HD, sh.ldk));
-  const Desc& dv = g.tensor(kDV, io, {1, NKV, T, HD}, rows(T, NKV, HD, sh.ldv));
+  Views view(g, sh);
+  const Desc* len = view.seq_len();
+  const Desc& q = view.rows(kQ, io, NH, sh.ldq, kOffQ);
+  const Desc& kt = view.rows(kK, io, NKV, sh.ldk, kOffK, true);
+  const Desc& vt = view.rows(kV, io, NKV, sh.ldv, kOffV, true);
+  const Desc& o = view.rows(kO, io, NH, NH * HD, kOffO);
+  const Desc& d_o = view.rows(kDO, io, NH, NH * HD, kOffO);
+  const Desc& stats = view.per_row(kStats);
+  const Desc& dq = view.rows(kDQ, io, NH, sh.ldq, kOffQ);
+  const Desc& dk = view.rows(kDK, io, NKV, sh.ldk, kOffK);
+  const Desc& dv = view.rows(kDV, io, NKV, sh.ldv, kOffV);
   const Desc& scale = g.scalar(kScale);
   const Desc& neg_inf = g.scalar(kNegInf);
   const Desc& one = g.scalar(kOne);
 
-  const Dims sd{1, NH, T, T}, ss{NH * T * T, T * T, T, 1};
-  const Dims st_strides{NH * T * T, T * T, 1, T};  // the (kv, q) transpose of a score tensor
-  const Dims rd{1, NH, T, 1}, rs{NH * T, T, 1, 1};
-  const Dims hd{1, NH, T, HD}, hs{NH * T * HD, T * HD, HD, 1};
+  const Dims sd{B, NH, S, S}, ss{NH * S * S, S * S, S, 1};
+  const Dims st_strides{NH * S * S, S * S, 1, S};  // the (kv, q) transpose of a score tensor
+  const Dims rd{B, NH, S, 1}, rs{NH * S, S, 1, 1};
+  const Dims hd{B, NH, S, HD}, hs{NH * S * HD, S * HD, HD, 1};
 
-  // D_i = sum_d dO_id O_id (written to the workspace: the engine reads it per key tile).
-  const Desc& prod = g.virt(CUDNN_DATA_FLOAT, hd, {NH * T * HD, T * HD, NH * HD, 1});
+  // D_i = sum_d dO_id O_id (written to the workspace, in the layout of lse: the engine reads it
+  // per key tile).
+  const Desc& prod = g.virt(CUDNN_DATA_FLOAT, hd, {NH * S * HD, S * HD, NH * HD, 1});
   g.pointwise(CUDNN_POINTWISE_MUL, prod, d_o, &o);
   const Desc& prod_sum = g.virt(CUDNN_DATA_FLOAT, rd, rs);
   g.reduction(CUDNN_REDUCE_TENSOR_ADD, prod_sum, prod);
-  const Desc& softmax_sum = g.tensor(kSoftmaxSum, CUDNN_DATA_FLOAT, rd, rs);
+  const Desc& softmax_sum = view.per_row(kSoftmaxSum);
   g.pointwise(CUDNN_POINTWISE_MUL, softmax_sum, prod_sum, &one);
 
-  // P = exp(scale * Q K^T - lse), causal.
+  // P = exp(scale * Q K^T - lse), causal (and inside the segment).
   const Desc& s = g.virt(CUDNN_DATA_FLOAT, sd, ss);
-  g.matmul(s, q, kt);
+  g.matmul(s, q, kt, len, len, nullptr);
   const Desc& s_scaled = g.virt(CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise(CUDNN_POINTWISE_MUL, s_scaled, s, &scale);
   const Desc& s_centered = g.virt(CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise(CUDNN_POINTWISE_SUB, s_centered, s_scaled, &stats);
-  const Desc& s_masked = causal_mask(g, s_centered, neg_inf, sd, ss);
+  const Desc& s_padded = len ? padding_mask(g, s_centered, neg_inf, *len, sd, ss) : s_centered;
+  const Desc& s_masked = causal_mask(g, s_padded, neg_inf, sd, ss);
   const Desc& p = g.virt(CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise(CUDNN_POINTWISE_EXP, p, s_masked);
 
@@ -360,16 +426,16 @@ GraphBuilder::Built build_backward(cudnnHandle_t h, const Shape& sh) {
   const Desc& pt = g.virt(io, sd, st_strides);
   g.reshape(pt, p);
   if (NH == NKV) {
-    g.matmul(dv, pt, d_o);
+    g.matmul(dv, pt, d_o, len, nullptr, len);
   } else {
     const Desc& dv_heads = g.virt(io, hd, hs);
-    g.matmul(dv_heads, pt, d_o);
+    g.matmul(dv_heads, pt, d_o, len, nullptr, len);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, dv, dv_heads);
   }
 
   // dS = scale * P * (dO V^T - D).
   const Desc& dp = g.virt(CUDNN_DATA_FLOAT, sd, ss);
-  g.matmul(dp, d_o, vt);
+  g.matmul(dp, d_o, vt, len, len, nullptr);
   const Desc& dp_centered = g.virt(CUDNN_DATA_FLOAT, sd, ss);
   g.pointwise(CUDNN_POINTWISE_SUB, dp_centered, dp, &softmax_sum);
   const Desc& dp_p = g.virt(CUDNN_DATA_FLOAT, sd, ss);
@@ -381,28 +447,50 @@ GraphBuilder::Built build_backward(cudnnHandle_t h, const Shape& sh) {
   const Desc& dst = g.virt(io, sd, st_strides);
   g.reshape(dst, ds);
   if (NH == NKV) {
-    g.matmul(dk, dst, q);
+    g.matmul(dk, dst, q, len, nullptr, len);
   } else {
     const Desc& dk_heads = g.virt(io, hd, hs);
-    g.matmul(dk_heads, dst, q);
+    g.matmul(dk_heads, dst, q, len, nullptr, len);
     g.reduction(CUDNN_REDUCE_TENSOR_ADD, dk, dk_heads);
   }
 
-  // dQ = dS K, accumulated in fp32 and converted.
-  const Desc& k = g.virt(io, {1, NKV, T, HD}, rows(T, NKV, HD, sh.ldk));
+  // dQ = dS K, accumulated in fp32 and converted. Token-major; a ragged batch needs the rows and
+  // offsets of dq itself (measured: dense rows gave wrong dq when ld_q != NH * HD).
+  const Desc& k = g.virt(io, {B, NKV, S, HD}, {S * sh.ldk, HD, sh.ldk, 1});
   g.reshape(k, kt);
-  const Desc& dq_accum = g.tensor(kDQAccum, CUDNN_DATA_FLOAT, hd, hs);
-  g.matmul(dq_accum, ds, k);
+  const Desc& dq_accum = sh.ragged() ? view.rows(kDQAccum, CUDNN_DATA_FLOAT, NH, sh.ldq, kOffQ)
+                                     : view.rows(kDQAccum, CUDNN_DATA_FLOAT, NH, NH * HD, kOffO);
+  g.matmul(dq_accum, ds, k, len, nullptr, len);
   g.pointwise(CUDNN_POINTWISE_IDENTITY, dq, dq_accum);
-  return g.build(h, "backward");
+  return g.build(h, sh.ragged() ? "backward (packed segments)" : "backward");
 }
 
-// Per device: a handle, the plans by shape, and a scratch buffer for plan workspaces.
+// Segment lengths and element offsets of each view, from cu_seqlens; segments past num_segments
+// (the padding to B) are empty and start at T.
+__global__ void fill_ragged_kernel(int32_t* seq_len, int32_t* off, int64_t B, const int32_t* cu_seqlens,
+                                   int64_t num_segments, int64_t ldq, int64_t ldk, int64_t ldv, int64_t ldo,
+                                   int64_t NH) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b > B) return;
+  const int64_t start = cu_seqlens[b < num_segments ? b : num_segments];
+  if (b < B) seq_len[b] = b < num_segments ? cu_seqlens[b + 1] - cu_seqlens[b] : 0;
+  const int64_t n = B + 1;
+  off[b] = int32_t(start * ldq);
+  off[n + b] = int32_t(start * ldk);
+  off[2 * n + b] = int32_t(start * ldv);
+  off[3 * n + b] = int32_t(start * ldo);
+  off[4 * n + b] = int32_t(start * NH);
+}
+
+// Per device: a handle, the plans by shape, a scratch buffer for plan workspaces, and the
+// segment lengths / ragged offsets of packed batches.
 struct DeviceState {
   cudnnHandle_t handle = nullptr;
   std::map<Shape, GraphBuilder::Built> plans;
   void* scratch = nullptr;
   size_t scratch_bytes = 0;
+  int32_t* ragged = nullptr;
+  int64_t ragged_B = 0;
 };
 
 std::mutex g_mutex;
@@ -415,7 +503,33 @@ struct PlanRef {
   const GraphBuilder::Built* built;
   cudnnHandle_t handle;
   void* scratch;
+  int32_t* seq_len;  // B entries, then 5 x (B + 1) offsets: q, k, v, dense rows, lse
 };
+
+int current_device() {
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  return dev;
+}
+
+int64_t next_pow2(int64_t n) {
+  int64_t p = 1;
+  while (p < n) p *= 2;
+  return p;
+}
+
+// The plan shape of a call: packed documents are bucketed (segments to a power of two, the
+// longest segment to a power of two, at most T) so a run builds a handful of plans.
+Shape shape_of(bool backward, attn_detail::CudnnDtype dt, int64_t num_segments, int64_t max_seqlen, int64_t T,
+               int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk, int64_t ldv) {
+  Shape sh{backward, dt, T, NH, NKV, HD, ldq, ldk, ldv, 1, T, current_device()};
+  if (num_segments > 1 || max_seqlen != T) {
+    static const bool exact = std::getenv("LONGTUNE_CUDNN_EXACT_SEGMENTS") != nullptr;  // no bucketing
+    sh.B = exact ? num_segments : next_pow2(num_segments);
+    sh.S = exact ? max_seqlen : std::min(T, next_pow2(max_seqlen));
+  }
+  return sh;
+}
 
 PlanRef plan_for(const Shape& sh) {
   std::lock_guard<std::mutex> lock(g_mutex);
@@ -432,11 +546,28 @@ PlanRef plan_for(const Shape& sh) {
     }
     it = ds.plans.emplace(sh, std::move(b)).first;
   }
-  return {&it->second, ds.handle, ds.scratch};
+  if (sh.ragged() && sh.B > ds.ragged_B) {
+    if (ds.ragged) CUDA_CHECK(cudaFree(ds.ragged));
+    ds.ragged = nullptr;
+    CUDA_CHECK(cudaMalloc(&ds.ragged, size_t(6 * (sh.B + 1)) * sizeof(int32_t)));
+    ds.ragged_B = sh.B;
+  }
+  return {&it->second, ds.handle, ds.scratch, ds.ragged};
 }
 
-void execute(const PlanRef& plan, const std::vector<int64_t>& uids, const std::vector<void*>& ptrs,
-             cudaStream_t stream) {
+// Binds the tensors (uid -> pointer) and runs the plan; packed batches first get their segment
+// lengths and offsets computed on the stream.
+void execute(const PlanRef& plan, const Shape& sh, const int32_t* cu_seqlens, int64_t num_segments,
+             std::vector<int64_t> uids, std::vector<void*> ptrs, cudaStream_t stream) {
+  if (sh.ragged()) {
+    const int64_t n = sh.B + 1;
+    int32_t* off = plan.seq_len + sh.B;
+    fill_ragged_kernel<<<unsigned((n + 127) / 128), 128, 0, stream>>>(
+        plan.seq_len, off, sh.B, cu_seqlens, num_segments, sh.ldq, sh.ldk, sh.ldv, sh.NH * sh.HD, sh.NH);
+    CUDA_CHECK_LAUNCH();
+    uids.insert(uids.end(), {kSeqLen, kOffQ, kOffK, kOffV, kOffO, kOffStats});
+    ptrs.insert(ptrs.end(), {plan.seq_len, off, off + n, off + 2 * n, off + 3 * n, off + 4 * n});
+  }
   CUDNN_CHECK(cudnnSetStream(plan.handle, stream));
   Desc pack(CUDNN_BACKEND_VARIANT_PACK_DESCRIPTOR);
   pack.set(CUDNN_ATTR_VARIANT_PACK_UNIQUE_IDS, CUDNN_TYPE_INT64, int64_t(uids.size()), uids.data());
@@ -445,12 +576,6 @@ void execute(const PlanRef& plan, const std::vector<int64_t>& uids, const std::v
   pack.set(CUDNN_ATTR_VARIANT_PACK_WORKSPACE, CUDNN_TYPE_VOID_PTR, 1, &ws);
   pack.finalize();
   CUDNN_CHECK(cudnnBackendExecute(plan.handle, plan.built->plan->get(), pack.get()));
-}
-
-int current_device() {
-  int dev = 0;
-  CUDA_CHECK(cudaGetDevice(&dev));
-  return dev;
 }
 
 constexpr size_t align256(size_t n) { return (n + 255) / 256 * 256; }
@@ -471,27 +596,32 @@ std::string cudnn_attention_unavailable_reason() {
 namespace attn_detail {
 
 void cudnn_attention_forward(CudnnDtype dt, void* out, float* lse, const void* q, const void* k, const void* v,
-                             int64_t T, int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk,
-                             int64_t ldv, cudaStream_t stream) {
-  const PlanRef plan = plan_for({false, dt, T, NH, NKV, HD, ldq, ldk, ldv, current_device()});
+                             const int32_t* cu_seqlens, int64_t num_segments, int64_t max_seqlen, int64_t T,
+                             int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk, int64_t ldv,
+                             cudaStream_t stream) {
+  const Shape sh = shape_of(false, dt, num_segments, max_seqlen, T, NH, NKV, HD, ldq, ldk, ldv);
+  const PlanRef plan = plan_for(sh);
   float scale = float(1.0 / std::sqrt(double(HD)));
   float neg_inf = -std::numeric_limits<float>::infinity();
-  execute(plan, {kQ, kK, kV, kO, kStats, kScale, kNegInf},
+  execute(plan, sh, cu_seqlens, num_segments, {kQ, kK, kV, kO, kStats, kScale, kNegInf},
           {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), out, lse, &scale, &neg_inf}, stream);
 }
 
 void cudnn_attention_backward(CudnnDtype dt, void* dq, void* dk, void* dv, const void* dout, const void* q,
-                              const void* k, const void* v, const void* out, const float* lse, int64_t T,
+                              const void* k, const void* v, const void* out, const float* lse,
+                              const int32_t* cu_seqlens, int64_t num_segments, int64_t max_seqlen, int64_t T,
                               int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk, int64_t ldv,
                               void* workspace, cudaStream_t stream) {
-  const PlanRef plan = plan_for({true, dt, T, NH, NKV, HD, ldq, ldk, ldv, current_device()});
+  const Shape sh = shape_of(true, dt, num_segments, max_seqlen, T, NH, NKV, HD, ldq, ldk, ldv);
+  const PlanRef plan = plan_for(sh);
   auto* softmax_sum = static_cast<float*>(workspace);
   auto* dq_accum = reinterpret_cast<float*>(static_cast<char*>(workspace) + align256(size_t(T) * NH * 4));
-  CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * size_t(NH) * size_t(HD) * 4, stream));
+  CUDA_CHECK(cudaMemsetAsync(dq_accum, 0, size_t(T) * size_t(sh.ragged() ? ldq : NH * HD) * 4, stream));
   float scale = float(1.0 / std::sqrt(double(HD)));
   float neg_inf = -std::numeric_limits<float>::infinity();
   float one = 1.0f;
-  execute(plan, {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kNegInf, kOne, kSoftmaxSum, kDQAccum},
+  execute(plan, sh, cu_seqlens, num_segments,
+          {kQ, kK, kV, kO, kDO, kStats, kDQ, kDK, kDV, kScale, kNegInf, kOne, kSoftmaxSum, kDQAccum},
           {const_cast<void*>(q), const_cast<void*>(k), const_cast<void*>(v), const_cast<void*>(out),
            const_cast<void*>(dout), const_cast<float*>(lse), dq, dk, dv, &scale, &neg_inf, &one, softmax_sum,
            dq_accum},

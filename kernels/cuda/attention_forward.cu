@@ -299,8 +299,9 @@ void attention_forward(scalar_t* out, float* lse, const scalar_t* q, const scala
   AttentionKernel kind = resolve_kernel<scalar_t>(opt.kernel);
   if (T == 0 || num_segments == 0) return;
   if (kind == AttentionKernel::kCudnn) {
-    if (cudnn_runs(num_segments, T, opt)) {
-      cudnn_attention_forward(cudnn_dtype<scalar_t>(), out, lse, q, k, v, T, NH, NKV, HD, ld.q, ld.k, ld.v, stream);
+    if (cudnn_runs(num_segments, T, std::max({ld.q, ld.k, ld.v, NH * HD}), opt)) {
+      cudnn_attention_forward(cudnn_dtype<scalar_t>(), out, lse, q, k, v, cu_seqlens, num_segments, opt.max_seqlen,
+                              T, NH, NKV, HD, ld.q, ld.k, ld.v, stream);
       return;
     }
     kind = AttentionKernel::kTensorCore;

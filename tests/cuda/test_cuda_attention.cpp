@@ -51,7 +51,7 @@ const Variant kVariants[] = {
     {cuda::AttentionKernel::kTensorCoreSm75, Dt::kFp16, false, "sm75-fp16"},
     {cuda::AttentionKernel::kTensorCore, Dt::kBf16, true, "tc-bf16-nondet"},
     {cuda::AttentionKernel::kTensorCoreSm75, Dt::kFp16, true, "sm75-fp16-nondet"},
-    // cuDNN for one segment, our nondeterministic kernels for packed documents.
+    // cuDNN fused attention (packed documents as a ragged batch).
     {cuda::AttentionKernel::kCudnn, Dt::kBf16, true, "cudnn-bf16"},
     {cuda::AttentionKernel::kCudnn, Dt::kFp16, true, "cudnn-fp16"},
 };
