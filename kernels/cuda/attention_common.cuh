@@ -210,7 +210,8 @@ AttentionKernel resolve_kernel(AttentionKernel requested) {
       if (cc < 80) throw ConfigError("attention: kTensorCore needs sm_80 or newer; this GPU is " + gpu);
       return requested;
     case AttentionKernel::kCudnn:
-      if (cc < 80) throw ConfigError("attention: kCudnn needs sm_80 or newer; this GPU is " + gpu);
+      if (const std::string why = cudnn_attention_unavailable_reason(); !why.empty())
+        throw ConfigError("attention: --attention cudnn: " + why);
       return requested;
     case AttentionKernel::kTensorCoreSm75:
       if (!is_half) throw ConfigError("attention: kTensorCoreSm75 runs fp16 only");

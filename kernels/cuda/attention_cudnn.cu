@@ -377,6 +377,19 @@ GraphBuilder::Built build_forward(cudnnHandle_t h, const Shape& sh) {
   return g.build(h, sh.ragged() ? "forward (packed segments)" : "forward");
 }
 
+// out (B, NKV, S, HD) = a @ b computed per query head (hd / hs: its (B, NH, S, HD) view), then
+// summed over the query heads of each kv head; directly when NH == NKV.
+void matmul_summed_over_group(GraphBuilder& g, const Desc& out, const Desc& a, const Desc& b, const Desc* len,
+                              cudnnDataType_t io, bool grouped, Dims hd, Dims hs) {
+  if (!grouped) {
+    g.matmul(out, a, b, len, nullptr, len);
+    return;
+  }
+  const Desc& per_head = g.virt(io, hd, hs);
+  g.matmul(per_head, a, b, len, nullptr, len);
+  g.reduction(CUDNN_REDUCE_TENSOR_ADD, out, per_head);
+}
+
 GraphBuilder::Built build_backward(cudnnHandle_t h, const Shape& sh) {
   const int64_t B = sh.B, S = sh.S, NH = sh.NH, NKV = sh.NKV, HD = sh.HD;
   const cudnnDataType_t io = io_type(sh.dt);
@@ -425,13 +438,7 @@ GraphBuilder::Built build_backward(cudnnHandle_t h, const Shape& sh) {
   // dV = P^T dO (summed over the query heads of each kv head).
   const Desc& pt = g.virt(io, sd, st_strides);
   g.reshape(pt, p);
-  if (NH == NKV) {
-    g.matmul(dv, pt, d_o, len, nullptr, len);
-  } else {
-    const Desc& dv_heads = g.virt(io, hd, hs);
-    g.matmul(dv_heads, pt, d_o, len, nullptr, len);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, dv, dv_heads);
-  }
+  matmul_summed_over_group(g, dv, pt, d_o, len, io, NH != NKV, hd, hs);
 
   // dS = scale * P * (dO V^T - D).
   const Desc& dp = g.virt(CUDNN_DATA_FLOAT, sd, ss);
@@ -446,13 +453,7 @@ GraphBuilder::Built build_backward(cudnnHandle_t h, const Shape& sh) {
   // dK = dS^T Q (summed over the query heads of each kv head).
   const Desc& dst = g.virt(io, sd, st_strides);
   g.reshape(dst, ds);
-  if (NH == NKV) {
-    g.matmul(dk, dst, q, len, nullptr, len);
-  } else {
-    const Desc& dk_heads = g.virt(io, hd, hs);
-    g.matmul(dk_heads, dst, q, len, nullptr, len);
-    g.reduction(CUDNN_REDUCE_TENSOR_ADD, dk, dk_heads);
-  }
+  matmul_summed_over_group(g, dk, dst, q, len, io, NH != NKV, hd, hs);
 
   // dQ = dS K, accumulated in fp32 and converted. Token-major; a ragged batch needs the rows and
   // offsets of dq itself (measured: dense rows gave wrong dq when ld_q != NH * HD).
@@ -524,9 +525,8 @@ Shape shape_of(bool backward, attn_detail::CudnnDtype dt, int64_t num_segments, 
                int64_t NH, int64_t NKV, int64_t HD, int64_t ldq, int64_t ldk, int64_t ldv) {
   Shape sh{backward, dt, T, NH, NKV, HD, ldq, ldk, ldv, 1, T, current_device()};
   if (num_segments > 1 || max_seqlen != T) {
-    static const bool exact = std::getenv("LONGTUNE_CUDNN_EXACT_SEGMENTS") != nullptr;  // no bucketing
-    sh.B = exact ? num_segments : next_pow2(num_segments);
-    sh.S = exact ? max_seqlen : std::min(T, next_pow2(max_seqlen));
+    sh.B = next_pow2(num_segments);
+    sh.S = std::min(T, next_pow2(max_seqlen));
   }
   return sh;
 }
